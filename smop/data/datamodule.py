@@ -1,0 +1,159 @@
+"""SuperGLUE (and the synthetic mixture) as a LightningDataModule with dynamic padding per batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from smop.data.sources import SOURCES, load_split_records
+from smop.data.synthetic import synthetic_mixture
+from smop.data.tasks import Task, flatten
+
+
+def split_train_val(labels: list[Any], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of the official train set, stratified per label: 90/10 by default.
+
+    The reference took the first 90% of each label in file order; we shuffle each label's indices with
+    `seed` first, so the split is recorded and reproducible without depending on file order.
+    """
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in sorted(set(labels), key=str):
+        members = [i for i, value in enumerate(labels) if value == label]
+        rng.shuffle(members)
+        cut = int(round(len(members) * (1 - val_fraction)))
+        train += members[:cut]
+        val += members[cut:]
+    return sorted(train), sorted(val)
+
+
+def encode(task: Task, tokenizer: PreTrainedTokenizerBase, examples: list[dict[str, Any]], budget: int) -> list[
+        list[int]]:
+    """Token ids of each formatted example, at most `budget` long (EOS included).
+
+    A too-long example first loses tokens from its long field (`task.truncate_field`, e.g. the passage),
+    so that the closing fields and the EOS survive; only if that is not enough is the end cut.
+    """
+    texts = [task.template.format(**example) for example in examples]
+    encoded = tokenizer(texts).input_ids
+    for i, ids in enumerate(encoded):
+        if len(ids) <= budget:
+            continue
+        example = dict(examples[i])
+        for _ in range(3):
+            if not task.truncate_field or len(ids) <= budget:
+                break
+            field_ids = tokenizer(example[task.truncate_field], add_special_tokens=False).input_ids
+            keep = max(0, len(field_ids) - (len(ids) - budget) - 1)
+            example[task.truncate_field] = tokenizer.decode(field_ids[:keep], skip_special_tokens=True)
+            ids = tokenizer(task.template.format(**example)).input_ids
+        if len(ids) > budget:
+            ids = ids[: budget - 1] + [tokenizer.eos_token_id]
+        encoded[i] = ids
+    return encoded
+
+
+class SuperGLUEDataModule(L.LightningDataModule):
+    """Train / validation (a seeded 90/10 split of the official train set) / test (official validation)."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str,
+        template: str,
+        label_words: list[str],
+        label_names: list[Any] | None = None,
+        metrics: list[str] | None = None,
+        truncate_field: str | None = None,
+        source: str = "sample",
+        data_dir: str | None = None,
+        hub_name: str = "aps/super_glue",
+        hub_config: str | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        max_length: int = 512,
+        prompt_length: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        num_workers: int = 0,
+        synthetic: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
+        if max_length <= prompt_length + 1:
+            raise ValueError(f"dataset.max_length={max_length} leaves no room for the input after a "
+                             f"{prompt_length}-token prompt")
+        self.task = Task(name, template, list(label_words), list(label_names or []), list(metrics or ["accuracy"]),
+                         truncate_field)
+        self.tokenizer = tokenizer
+        self.source, self.data_dir, self.hub_name, self.hub_config = source, data_dir, hub_name, hub_config
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.budget = max_length - prompt_length
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.synthetic = dict(synthetic or {})
+        self.splits: dict[str, list[dict[str, Any]]] = {}
+
+    @property
+    def max_target_length(self) -> int:
+        """Tokens of the longest label word, EOS included: the generation length at evaluation."""
+        return max(len(ids) for ids in self.tokenizer(self.task.label_words).input_ids)
+
+    def _raw(self, split: str) -> list[dict[str, Any]]:
+        if self.source == "synthetic":
+            options = dict(self.synthetic)
+            count = options.pop("num_train" if split == "train" else "num_test")
+            options.pop("num_test" if split == "train" else "num_train", None)
+            seed = self.split_seed + (0 if split == "train" else 1_000_003)
+            return synthetic_mixture(count, seed=seed, **options)
+        return load_split_records(self.task, self.source, self.data_dir, self.hub_name, self.hub_config, split)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, split, flatten and tokenize once; every later stage reuses it."""
+        if self.splits:
+            return
+        train_raw, test_raw = self._raw("train"), self._raw("test")
+        # MultiRC is split by paragraph (no answer leaks across splits); other tasks per label.
+        strata = [0] * len(train_raw) if self.task.name == "multirc" else [r["label"] for r in train_raw]
+        train_ids, val_ids = split_train_val(strata, self.val_fraction, self.split_seed)
+        raw = {"train": [train_raw[i] for i in train_ids], "val": [train_raw[i] for i in val_ids], "test": test_raw}
+        targets = self.tokenizer(self.task.label_words).input_ids
+        for split, records in raw.items():
+            examples = list(flatten(self.task, records))
+            inputs = encode(self.task, self.tokenizer, examples, self.budget)
+            self.splits[split] = [
+                {"input_ids": ids, "labels": targets[ex["label"]], "label_index": ex["label"], "group": ex["group"]}
+                for ids, ex in zip(inputs, examples, strict=True)
+            ]
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pad to the longest row of this batch, not to max_length."""
+        inputs = [torch.tensor(row["input_ids"]) for row in rows]
+        input_ids = pad_sequence(inputs, batch_first=True, padding_value=self.tokenizer.pad_token_id)
+        labels = pad_sequence([torch.tensor(row["labels"]) for row in rows], batch_first=True, padding_value=-100)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": (torch.arange(input_ids.shape[1]) < torch.tensor([len(x) for x in inputs])[:, None]).long(),
+            "labels": labels,
+            "label_index": torch.tensor([row["label_index"] for row in rows]),
+            "group": torch.tensor([row["group"] for row in rows]),
+        }
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)

@@ -1,0 +1,83 @@
+"""SuperGLUE tasks as text-to-text: reading the official records into flat examples with a label index.
+
+Each task's template, label words and metrics live in its dataset config; this module knows only what
+differs in the file formats: how labels are written, and MultiRC's nested paragraphs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "rte": ("premise", "hypothesis", "label"),
+    "cb": ("premise", "hypothesis", "label"),
+    "copa": ("premise", "choice1", "choice2", "question", "label"),
+    "wic": ("word", "sentence1", "sentence2", "label"),
+    "boolq": ("question", "passage", "label"),
+    "multirc": ("passage",),
+    "synthetic_mixture": ("text", "label"),
+}
+TASKS = tuple(REQUIRED_FIELDS)
+METRICS = ("accuracy", "f1_macro", "f1a", "em")
+
+
+@dataclass
+class Task:
+    """What the model and the metrics need to know about a task."""
+
+    name: str
+    template: str  # Python format string over the example's fields
+    label_words: list[str]  # target text per label index
+    label_names: list[Any] = field(default_factory=list)  # raw label values in index order (strings in JSONL)
+    metrics: list[str] = field(default_factory=lambda: ["accuracy"])  # official metrics; their mean is `score`
+    truncate_field: str | None = None  # the long field cut first when prompt + input exceed max_length
+
+    def __post_init__(self) -> None:
+        if self.name not in REQUIRED_FIELDS:
+            raise ValueError(f"Unknown task '{self.name}'; allowed: {', '.join(TASKS)}")
+        unknown = set(self.metrics) - set(METRICS)
+        if unknown:
+            raise ValueError(f"Unknown metric(s) {sorted(unknown)} for {self.name}; allowed: {', '.join(METRICS)}")
+
+    def label_index(self, raw: Any) -> int:
+        """Official files write labels as strings (RTE, CB), booleans (BoolQ, WiC) or ints (COPA, MultiRC)."""
+        if isinstance(raw, bool):
+            index = int(raw)
+        elif isinstance(raw, int):
+            index = raw
+        elif raw in self.label_names:
+            index = self.label_names.index(raw)
+        else:
+            raise ValueError(f"label {raw!r} is not one of {self.label_names or list(range(len(self.label_words)))}")
+        if not 0 <= index < len(self.label_words):
+            raise ValueError(f"label {raw!r} is out of range for {len(self.label_words)} label words")
+        return index
+
+
+def check_fields(task: Task, record: dict[str, Any]) -> None:
+    missing = [name for name in REQUIRED_FIELDS[task.name] if name not in record]
+    if missing:
+        raise ValueError(f"missing field(s) {missing}; a {task.name} record needs {list(REQUIRED_FIELDS[task.name])}")
+
+
+def flatten(task: Task, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Official records -> flat examples with `label` as an index and `group` (MultiRC's question id).
+
+    MultiRC holds paragraphs with nested questions and answers; each answer becomes one example, and
+    its question's id becomes the group used for exact match. Hub MultiRC rows are already flat.
+    """
+    for position, record in enumerate(records):
+        if task.name != "multirc":
+            yield {**record, "label": task.label_index(record["label"]), "group": position}
+        elif "paragraph" in record:  # the hub's flat layout
+            group = record["idx"]["paragraph"] * 100_000 + record["idx"]["question"]
+            yield {**record, "label": task.label_index(record["label"]), "group": group}
+        else:
+            passage = record["passage"]
+            for question in passage["questions"]:
+                group = record["idx"] * 100_000 + question["idx"]
+                for answer in question["answers"]:
+                    yield {"paragraph": passage["text"], "question": question["question"],
+                           "answer": answer["text"], "label": task.label_index(answer["label"]), "group": group}

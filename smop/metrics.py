@@ -1,0 +1,110 @@
+"""Evaluation by generation: normalised exact match to a label word, then each task's official metrics.
+
+An output that is no label word is wrong: it gets class index -1, which counts against the true class
+and for no other (as in the T5 SuperGLUE evaluation). Metric state lives in torchmetrics objects, so it
+reduces correctly across processes.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassF1Score
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation.replace("_", ""))
+
+
+def normalize(text: str) -> str:
+    """Lower-case, drop punctuation (but not the underscore of `not_entailment`) and articles, squeeze spaces."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
+    return " ".join(text.split())
+
+
+def to_label_index(outputs: list[str], label_words: list[str]) -> Tensor:
+    """Index of the label word each output matches after normalisation, -1 where none matches."""
+    lookup = {normalize(word): i for i, word in enumerate(label_words)}
+    return torch.tensor([lookup.get(normalize(text), -1) for text in outputs], dtype=torch.long)
+
+
+class MacroF1(MulticlassF1Score):
+    """Macro-F1 over the real classes; the extra last class holds outputs that were no label word."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(num_classes=num_classes + 1, average="none")
+        self.real_classes = num_classes
+
+    def compute(self) -> Tensor:
+        return super().compute()[: self.real_classes].mean()
+
+
+class GroupExactMatch(Metric):
+    """MultiRC EM: the share of questions whose answers are all labelled correctly."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("groups", default=[], dist_reduce_fx="cat")
+        self.add_state("correct", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Tensor, target: Tensor, groups: Tensor) -> None:
+        self.groups.append(groups)
+        self.correct.append((preds == target).float())
+
+    def compute(self) -> Tensor:
+        groups = torch.cat(self.groups) if isinstance(self.groups, list) else self.groups
+        correct = torch.cat(self.correct) if isinstance(self.correct, list) else self.correct
+        _, inverse = torch.unique(groups, return_inverse=True)
+        per_group = torch.ones(int(inverse.max()) + 1, device=correct.device)
+        per_group = per_group.scatter_reduce(0, inverse, correct, reduce="amin")
+        return per_group.mean()
+
+
+class TaskMetrics(MetricCollection):
+    """The official metrics of one task; `score` is their mean (SuperGLUE's per-task score)."""
+
+    def __init__(self, metrics: list[str], num_classes: int) -> None:
+        invalid = num_classes  # the class index that stands for "no label word"
+        builders = {
+            "accuracy": lambda: MulticlassAccuracy(num_classes=num_classes + 1, average="micro"),
+            "f1_macro": lambda: MacroF1(num_classes),
+            "f1a": lambda: BinaryF1Score(),
+            "em": lambda: GroupExactMatch(),
+        }
+        super().__init__({name: builders[name]() for name in metrics}, compute_groups=False)
+        self.invalid = invalid
+
+    def update(self, preds: Tensor, target: Tensor, groups: Tensor) -> None:
+        for name, metric in self.items(keep_base=True, copy_state=False):
+            if name == "em":
+                metric.update(preds, target, groups)
+            elif name == "f1a":
+                metric.update((preds == 1).long(), target)  # no label word counts as a negative answer
+            else:
+                metric.update(torch.where(preds < 0, self.invalid, preds), target)
+
+    def compute(self) -> dict[str, Tensor]:
+        values = super().compute()
+        values["score"] = torch.stack([v.float() for v in values.values()]).mean()
+        return values
+
+
+class RoutingCounts(Metric):
+    """How many instances used each prompt in an epoch (summed across processes)."""
+
+    full_state_update = False
+
+    def __init__(self, num_prompts: int) -> None:
+        super().__init__()
+        self.add_state("counts", default=torch.zeros(num_prompts, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, routes: Tensor) -> None:
+        self.counts += torch.bincount(routes.flatten(), minlength=self.counts.numel())
+
+    def compute(self) -> Tensor:
+        return self.counts

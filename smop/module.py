@@ -1,0 +1,176 @@
+"""The system: a frozen T5 backbone plus one trainable prompt module (or the whole model for `full`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from smop.backbones import freeze
+from smop.data.tasks import Task
+from smop.metrics import RoutingCounts, TaskMetrics, to_label_index
+from smop.prompts.base import PromptModule, PromptOutput
+
+SPLITS = ("train", "val", "test")
+# ModuleDict keys may not shadow nn.Module attributes (`train`), hence the "_split" suffix.
+def _key(split: str) -> str:
+    return f"{split}_split"
+
+
+
+def consistency_loss(logits_a: Tensor, logits_b: Tensor, labels: Tensor) -> Tensor:
+    """0.5 * (KL(p_a || sg p_b) + KL(p_b || sg p_a)) over the decoder positions that have a label."""
+    log_a, log_b = logits_a.log_softmax(-1), logits_b.log_softmax(-1)
+    kl_a = F.kl_div(log_b.detach(), log_a, log_target=True, reduction="none").sum(-1)
+    kl_b = F.kl_div(log_a.detach(), log_b, log_target=True, reduction="none").sum(-1)
+    mask = (labels != -100).to(kl_a.dtype)
+    return 0.5 * ((kl_a + kl_b) * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class PromptTuningSystem(L.LightningModule):
+    """Wires backbone + prompt + loss + generation-based metrics + optimizer. Owns no data."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        task: Task,
+        prompt: PromptModule | None,
+        optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+        warmup_ratio: float = 0.06,
+        max_new_tokens: int = 10,
+        train_backbone: bool = False,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(config or {})  # the plain resolved config: loads with weights_only=True
+        self.backbone = backbone if train_backbone else freeze(backbone)
+        self.prompt = prompt
+        self.tokenizer, self.task = tokenizer, task
+        self.optimizer_factory, self.warmup_ratio = optimizer, warmup_ratio
+        self.max_new_tokens = max_new_tokens
+        self.train_backbone = train_backbone
+        self.strict_loading = False  # checkpoints hold trainable weights only; on_load_checkpoint checks them
+        num_classes = len(task.label_words)
+        self.task_metrics = nn.ModuleDict({_key(s): TaskMetrics(task.metrics, num_classes) for s in ("val", "test")})
+        routed = prompt is not None and prompt.routes
+        self.routing = nn.ModuleDict({_key(s): RoutingCounts(prompt.num_prompts) for s in SPLITS}) if routed else None
+        self.routing_counts: dict[str, list[int]] = {}
+
+    # --- the model ---------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> PromptTuningSystem:
+        """Lightning switches the whole module to train mode; the frozen backbone stays in eval (no dropout)."""
+        super().train(mode)
+        if not self.train_backbone:
+            self.backbone.eval()
+        return self
+
+    def encoder_inputs(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, PromptOutput | None]:
+        """[P ; E[x]] and the mask with ones for the prompt; the decoder is untouched."""
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        if self.prompt is None:
+            return embeds, attention_mask, None
+        out = self.prompt(embeds, attention_mask)
+        ones = attention_mask.new_ones(attention_mask.shape[0], out.prompt.shape[1])
+        return torch.cat([out.prompt, embeds], dim=1), torch.cat([ones, attention_mask], dim=1), out
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, PromptOutput | None]:
+        """Task loss (plus the prompt module's auxiliary loss), decoder logits, prompt output."""
+        embeds, mask, out = self.encoder_inputs(input_ids, attention_mask)
+        result = self.backbone(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+        loss = result.loss if out is None or out.aux_loss is None else result.loss + out.aux_loss
+        return loss, result.logits, out
+
+    @torch.no_grad()
+    def predict_labels(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, PromptOutput | None]:
+        """Greedy generation, normalised exact match to a label word (-1: no label word)."""
+        embeds, mask, out = self.encoder_inputs(input_ids, attention_mask)
+        generated = self.backbone.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=1,
+                                           max_new_tokens=self.max_new_tokens)
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return to_label_index(texts, self.task.label_words).to(input_ids.device), out
+
+    # --- steps -------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, logits, out = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        weight = self.prompt.consistency_weight if self.prompt is not None else 0.0
+        if weight > 0:  # stochastic routing: a second pass with other random prompts, and agreement between them
+            loss_b, logits_b, _ = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss = loss + loss_b + weight * consistency_loss(logits, logits_b, batch["labels"])
+        self._count_routes("train", out)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _eval_step(self, split: str, batch: dict[str, Tensor]) -> None:
+        preds, out = self.predict_labels(batch["input_ids"], batch["attention_mask"])
+        self.task_metrics[_key(split)].update(preds, batch["label_index"], batch["group"])
+        self._count_routes(split, out)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _count_routes(self, split: str, out: PromptOutput | None) -> None:
+        if self.routing is not None and out is not None and out.routes is not None:
+            self.routing[_key(split)].update(out.routes)
+
+    # --- epoch ends: metrics and routing counts ----------------------------------------------------
+    def _log_epoch(self, split: str) -> None:
+        if _key(split) in self.task_metrics:
+            metrics = self.task_metrics[_key(split)]
+            values = metrics.compute()
+            self.log_dict({f"{split}/{name}": value for name, value in values.items()}, prog_bar=split == "val")
+            metrics.reset()
+        if self.routing is not None:
+            counts = self.routing[_key(split)].compute()
+            self.routing_counts[split] = counts.tolist()
+            self.log_dict({f"routing/{split}/prompt_{k}": c.float() for k, c in enumerate(counts)})
+            self.routing[_key(split)].reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    # --- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(self.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints hold the trainable weights only -----------------------------------------------
+    def trainable_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another method or shape, saying what does not match."""
+        saved, expected = set(checkpoint.get("state_dict", {})), self.trainable_keys()
+        own = self.state_dict()
+        problems = []
+        if expected - saved:
+            problems.append(f"missing trainable weights {sorted(expected - saved)[:5]}")
+        if saved - set(own):
+            problems.append(f"unknown weights {sorted(saved - set(own))[:5]}")
+        problems += [f"{k}: checkpoint shape {tuple(checkpoint['state_dict'][k].shape)} != model {tuple(own[k].shape)}"
+                     for k in saved & set(own) if checkpoint["state_dict"][k].shape != own[k].shape]
+        if problems:
+            saved_method = checkpoint.get("hyper_parameters", {}).get("method", {}).get("name", "?")
+            raise ValueError(f"Checkpoint does not match this model (saved method: {saved_method}): "
+                             + "; ".join(problems))

@@ -1,0 +1,71 @@
+"""What every prompt method returns, and the shared ways to initialise a prompt table."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+INITS = ("random", "uniform", "vocab", "text")
+
+
+@dataclass
+class PromptOutput:
+    """Soft prompt per instance, plus what the system needs besides it."""
+
+    prompt: Tensor  # [B, L, d], prepended to the encoder input embeddings
+    aux_loss: Tensor | None = None  # added to the task loss (e.g. load balancing)
+    routes: Tensor | None = None  # [B, k] indices of the prompts each instance used (routed methods only)
+
+
+class PromptModule(nn.Module, ABC):
+    """A trainable module that maps the frozen input embeddings of a batch to soft prompts."""
+
+    routes: bool = False  # whether the method routes instances (only then is a `router` config allowed)
+    consistency_weight: float = 0.0  # > 0: the system adds a two-pass consistency loss in training
+
+    @property
+    @abstractmethod
+    def prompt_length(self) -> int:
+        """Number of prompt vectors prepended to every input."""
+
+    @abstractmethod
+    def forward(self, input_embeds: Tensor, attention_mask: Tensor) -> PromptOutput:
+        """Prompts for a batch, from its (frozen) input embeddings [B, n, d] and mask [B, n]."""
+
+
+def init_prompt(
+    num_tokens: int,
+    embedding: nn.Embedding,
+    init: str = "random",
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    init_text: str | None = None,
+    vocab_range: int = 5000,
+) -> Tensor:
+    """A fresh [num_tokens, d] prompt table.
+
+    random: N(0, 1) as SMoP did; uniform: U(+-sqrt(1/d)) as FPT did; vocab: embeddings of random
+    vocabulary ids among the first `vocab_range` (Lester et al.); text: embeddings of `init_text`,
+    repeated or truncated to `num_tokens`.
+    """
+    d = embedding.embedding_dim
+    weight = embedding.weight.detach()
+    if init == "random":
+        return torch.randn(num_tokens, d)
+    if init == "uniform":
+        bound = math.sqrt(1.0 / d)
+        return torch.empty(num_tokens, d).uniform_(-bound, bound)
+    if init == "vocab":
+        ids = torch.randint(0, min(vocab_range, weight.shape[0]), (num_tokens,))
+        return weight[ids].float().clone()
+    if init == "text":
+        if tokenizer is None or not init_text:
+            raise ValueError("init='text' needs a tokenizer and a non-empty `init_text`")
+        ids = tokenizer(init_text, add_special_tokens=False).input_ids
+        reps = -(-num_tokens // len(ids))
+        return weight[torch.tensor((ids * reps)[:num_tokens])].float().clone()
+    raise ValueError(f"Unknown prompt init '{init}'; allowed: {', '.join(INITS)}")

@@ -1,0 +1,36 @@
+"""P-tuning (Liu et al., 2021): a table of L vectors reparameterised by an MLP d -> h -> h -> d."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from smop.prompts.base import PromptModule, PromptOutput, init_prompt
+
+
+class PTuning(PromptModule):
+    def __init__(
+        self,
+        embedding: nn.Embedding,
+        prompt_length: int = 100,
+        hidden_size: int = 128,
+        init: str = "random",
+        init_text: str | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        super().__init__()
+        d = embedding.embedding_dim
+        self.table = nn.Parameter(init_prompt(prompt_length, embedding, init, tokenizer, init_text))
+        self.mlp = nn.Sequential(
+            nn.Linear(d, hidden_size), nn.ReLU(), nn.Linear(hidden_size, hidden_size), nn.ReLU(),
+            nn.Linear(hidden_size, d),
+        )
+
+    @property
+    def prompt_length(self) -> int:
+        return self.table.shape[0]
+
+    def forward(self, input_embeds: Tensor, attention_mask: Tensor) -> PromptOutput:
+        # The MLP output does not depend on the input: computed once per batch, shared by its rows.
+        prompt = self.mlp(self.table).to(input_embeds.dtype)
+        return PromptOutput(prompt.unsqueeze(0).expand(input_embeds.shape[0], -1, -1))
