@@ -1,0 +1,198 @@
+"""What a run costs, measured by callbacks: training time, peak memory, FLOPs per example.
+
+Time excludes evaluation. FLOPs are counted once, before the timed loop, on real batches of the
+training data (dynamic padding included), with eager attention so that the attention matmuls count:
+fvcore for the inference forward (encoder + decoder over the label length) and torch's FlopCounterMode
+for a training step (forward + backward), both as multiply-adds (fvcore's convention).
+"""
+
+from __future__ import annotations
+
+import itertools
+import resource
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any
+
+import lightning as L
+import torch
+from fvcore.nn import FlopCountAnalysis
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """CUDA's max allocated bytes since the last reset, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024, "cpu_peak_rss"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TrainingCost(Callback):
+    """Training wall time without evaluation, median step time, examples per second, peak memory."""
+
+    def __init__(self) -> None:
+        self.step_times: list[float] = []
+        self.train_time = 0.0
+        self.examples = 0
+        self._epoch_start: float | None = None
+        self._step_start = 0.0
+        self.memory: tuple[int, str] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module.device)
+        self._epoch_start = time.perf_counter()
+
+    def _pause(self, pl_module: L.LightningModule) -> None:
+        if self._epoch_start is not None:
+            _sync(pl_module.device)
+            self.train_time += time.perf_counter() - self._epoch_start
+            self._epoch_start = None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pause(pl_module)  # evaluation inside fit is not training time
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.training:
+            self.on_train_epoch_start(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pause(pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        _sync(pl_module.device)
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        _sync(pl_module.device)
+        self.step_times.append(time.perf_counter() - self._step_start)
+        self.examples += batch["input_ids"].shape[0]
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pause(pl_module)
+        self.memory = peak_memory(pl_module.device)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"cost/{k}": v for k, v in self.cost().items() if isinstance(v, int | float)})
+
+    def cost(self) -> dict[str, Any]:
+        if not self.step_times:
+            return {}
+        memory, kind = self.memory or (None, None)
+        return {
+            "train_time_s": self.train_time,
+            "step_time_s_median": statistics.median(self.step_times),
+            "train_examples_per_s": self.examples / self.train_time if self.train_time else None,
+            "peak_memory_bytes": memory,
+            "memory_kind": kind,
+        }
+
+
+@contextmanager
+def eager_attention(model: nn.Module):
+    """Count attention: neither fvcore nor FlopCounterMode sees the matmuls inside SDPA kernels."""
+    backbone = getattr(model, "backbone", model)
+    previous = getattr(backbone.config, "_attn_implementation", None)
+    if previous not in (None, "eager") and hasattr(backbone, "set_attn_implementation"):
+        backbone.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if previous not in (None, "eager") and hasattr(backbone, "set_attn_implementation"):
+            backbone.set_attn_implementation(previous)
+
+
+class _InferenceForward(nn.Module):
+    """Encoder over [prompt ; input] + decoder over the label length: what inference costs per example."""
+
+    def __init__(self, system: nn.Module) -> None:
+        super().__init__()
+        self.system = system
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor) -> Tensor:
+        embeds, mask, _ = self.system.encoder_inputs(input_ids, attention_mask)
+        return self.system.backbone(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
+                                    use_cache=False).logits
+
+
+def inference_flops(system: nn.Module, batch: dict[str, Tensor]) -> float:
+    """fvcore FLOPs (multiply-adds) of one inference forward, per example of `batch`."""
+    decoder_input_ids = system.backbone.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    wrapper = _InferenceForward(system)
+    was_training = system.training
+    system.eval()
+    try:
+        analysis = FlopCountAnalysis(wrapper, (batch["input_ids"], batch["attention_mask"], decoder_input_ids))
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        analysis.tracer_warnings("none")
+        return analysis.total() / batch["input_ids"].shape[0]
+    finally:
+        system.train(was_training)
+
+
+def train_step_flops(system: nn.Module, batch: dict[str, Tensor]) -> float:
+    """FLOPs (multiply-adds) of forward + backward of one training step, per example of `batch`.
+
+    Backward through a frozen backbone computes activation gradients only, so a prompt method's step
+    costs about 2x its forward; full fine-tuning's about 3x.
+    """
+    was_training = system.training
+    system.train()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            loss, _, _ = system(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss.backward()
+    finally:
+        system.zero_grad(set_to_none=True)
+        system.train(was_training)
+    return counter.get_total_flops() / 2 / batch["input_ids"].shape[0]
+
+
+class FlopCounter(Callback):
+    """Counts FLOPs per example once, on `num_batches` real training batches, outside the timed loop."""
+
+    def __init__(self, num_batches: int = 4, count_training: bool = True) -> None:
+        self.num_batches = num_batches
+        self.count_training = count_training
+        self.figures: dict[str, float] = {}
+
+    def _count(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.figures or trainer.datamodule is None:
+            return
+        rng = torch.get_rng_state()  # counting must not change the run's random stream (shuffle, noise)
+        loader = trainer.datamodule.train_dataloader()
+        batches = [pl_module.transfer_batch_to_device(b, pl_module.device, 0)
+                   for b in itertools.islice(loader, self.num_batches)]
+        with eager_attention(pl_module):
+            self.figures["inference_flops_per_example"] = statistics.mean(inference_flops(pl_module, b) for b in batches)
+            if self.count_training:
+                self.figures["train_flops_per_example"] = statistics.mean(train_step_flops(pl_module, b) for b in batches)
+        torch.set_rng_state(rng)
+        self.figures["mean_input_tokens"] = statistics.mean(float(b["attention_mask"].sum(1).float().mean()) for b in batches)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"cost/{k}": v for k, v in self.figures.items()})
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._count(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.training:  # evaluation-only runs are counted too
+            with torch.enable_grad(), torch.inference_mode(False):
+                self._count(trainer, pl_module)
+
+    def cost(self) -> dict[str, float]:
+        return dict(self.figures)
