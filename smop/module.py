@@ -130,7 +130,7 @@ class PromptTuningSystem(L.LightningModule):
             self.log_dict({f"{split}/{name}": value for name, value in values.items()}, prog_bar=split == "val")
             metrics.reset()
         if self.routing is not None:
-            counts = self.routing[_key(split)].compute()
+            counts = self.routing[_key(split)].compute().reshape(-1)  # torchmetrics squeezes K=1
             self.routing_counts[split] = counts.tolist()
             self.log_dict({f"routing/{split}/prompt_{k}": c.float() for k, c in enumerate(counts)})
             self.routing[_key(split)].reset()

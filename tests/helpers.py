@@ -1,0 +1,19 @@
+"""Building a system and a batch from the real config tree, for tests that drive the module directly."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from smop.backbones import build_tokenizer
+from smop.module import PromptTuningSystem
+from smop.run import build_datamodule, build_system
+
+SYNTHETIC = ["dataset=synthetic_mixture", "dataset.synthetic.num_train=200", "dataset.synthetic.num_test=40"]
+
+
+def build(cfg: DictConfig) -> tuple[PromptTuningSystem, dict]:
+    """The system `train.py` would build for `cfg`, and its first training batch."""
+    tokenizer = build_tokenizer(cfg.model.name_or_path)
+    datamodule = build_datamodule(cfg, tokenizer)
+    system = build_system(cfg, datamodule, tokenizer)
+    return system, next(iter(datamodule.train_dataloader()))

@@ -1,0 +1,86 @@
+"""The system: what trains, what stays frozen, what a checkpoint holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import SYNTHETIC, build
+
+from smop.module import consistency_loss
+
+METHODS = ["smop", "prompt_tuning", "p_tuning"]
+
+
+def one_step(system, batch) -> None:
+    optimizer = torch.optim.AdamW([p for p in system.parameters() if p.requires_grad], lr=0.1)
+    system.train()
+    loss, _, _ = system(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_step_leaves_backbone_bit_for_bit_and_moves_the_prompt(make_cfg, method):
+    system, batch = build(make_cfg(f"method={method}", "method.prompt_length=5", *SYNTHETIC))
+    backbone_before = {k: v.clone() for k, v in system.backbone.state_dict().items()}
+    prompt_before = {k: v.clone() for k, v in system.prompt.state_dict().items()}
+    assert not any(p.requires_grad for p in system.backbone.parameters())
+    one_step(system, batch)
+    for name, value in system.backbone.state_dict().items():
+        assert torch.equal(value, backbone_before[name]), name
+    assert any(not torch.equal(v, prompt_before[k]) for k, v in system.prompt.state_dict().items())
+    assert not system.backbone.training  # frozen backbone stays in eval mode (no dropout) while training
+
+
+def test_full_fine_tuning_trains_every_weight(make_cfg):
+    system, batch = build(make_cfg("method=full", *SYNTHETIC))
+    before = {k: v.clone() for k, v in system.backbone.named_parameters()}
+    one_step(system, batch)
+    assert all(p.requires_grad for p in system.backbone.parameters())
+    changed = [k for k, v in system.backbone.named_parameters() if not torch.equal(v, before[k])]
+    assert len(changed) == len(before)
+
+
+def test_trainable_parameters_match_the_paper_formula(make_cfg):
+    system, _ = build(make_cfg(*SYNTHETIC))  # SMoP 4x5 on d_model=128: 20*d + d*K
+    trainable = sum(p.numel() for p in system.parameters() if p.requires_grad)
+    assert trainable == 20 * 128 + 128 * 4
+
+
+def test_checkpoint_holds_only_trainable_weights_and_loads_with_weights_only(make_cfg, tmp_path):
+    system, _ = build(make_cfg(*SYNTHETIC))
+    checkpoint = {"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}
+    system.on_save_checkpoint(checkpoint)
+    assert set(checkpoint["state_dict"]) == {"prompt.prompts", "prompt.router.linear.weight"}
+    torch.save(checkpoint, tmp_path / "c.ckpt")
+    loaded = torch.load(tmp_path / "c.ckpt", weights_only=True)
+    system.on_load_checkpoint(loaded)  # matches: no error
+
+
+def test_mismatched_checkpoint_is_refused_with_what_differs(make_cfg):
+    smop, _ = build(make_cfg(*SYNTHETIC))
+    wider, _ = build(make_cfg("method.num_prompts=6", *SYNTHETIC))
+    pt, _ = build(make_cfg("method=prompt_tuning", "method.prompt_length=5", *SYNTHETIC))
+    checkpoint = {"state_dict": wider.state_dict()}
+    wider.on_save_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match="shape"):
+        smop.on_load_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match="missing trainable weights"):
+        pt.on_load_checkpoint(checkpoint)
+
+
+def test_consistency_loss_is_zero_for_equal_logits_and_symmetric():
+    logits_a, logits_b = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
+    assert consistency_loss(logits_a, logits_a, labels).item() == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(consistency_loss(logits_a, logits_b, labels), consistency_loss(logits_b, logits_a, labels))
+    assert consistency_loss(logits_a, logits_b, labels) > 0
+
+
+def test_stochastic_router_with_consistency_runs_two_passes(make_cfg):
+    system, batch = build(make_cfg("router=stochastic", "router.consistency_weight=0.1", *SYNTHETIC))
+    assert system.prompt.consistency_weight == 0.1
+    system.train()
+    loss = system.training_step(batch, 0)
+    single, _, _ = system(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert loss > single  # CE1 + CE2 + alpha * KL: more than one pass's loss
