@@ -119,9 +119,15 @@ class SuperGLUEDataModule(L.LightningDataModule):
         if self.splits:
             return
         train_raw, test_raw = self._raw("train"), self._raw("test")
-        # MultiRC is split by paragraph (no answer leaks across splits); other tasks per label.
-        strata = [0] * len(train_raw) if self.task.name == "multirc" else [r["label"] for r in train_raw]
-        train_ids, val_ids = split_train_val(strata, self.val_fraction, self.split_seed)
+        if self.task.name == "multirc":  # split by paragraph, so no question or answer leaks across splits
+            # an official record is one paragraph; the hub's flat rows (one per answer) share idx.paragraph
+            paragraphs = [r["idx"]["paragraph"] if "paragraph" in r else i for i, r in enumerate(train_raw)]
+            units = sorted(set(paragraphs))
+            val_units = {units[i] for i in split_train_val([0] * len(units), self.val_fraction, self.split_seed)[1]}
+            train_ids = [i for i, p in enumerate(paragraphs) if p not in val_units]
+            val_ids = [i for i, p in enumerate(paragraphs) if p in val_units]
+        else:  # stratified per label
+            train_ids, val_ids = split_train_val([r["label"] for r in train_raw], self.val_fraction, self.split_seed)
         raw = {"train": [train_raw[i] for i in train_ids], "val": [train_raw[i] for i in val_ids], "test": test_raw}
         targets = self.tokenizer(self.task.label_words).input_ids
         for split, records in raw.items():
@@ -137,9 +143,10 @@ class SuperGLUEDataModule(L.LightningDataModule):
         inputs = [torch.tensor(row["input_ids"]) for row in rows]
         input_ids = pad_sequence(inputs, batch_first=True, padding_value=self.tokenizer.pad_token_id)
         labels = pad_sequence([torch.tensor(row["labels"]) for row in rows], batch_first=True, padding_value=-100)
+        lengths = torch.tensor([len(x) for x in inputs])
         return {
             "input_ids": input_ids,
-            "attention_mask": (torch.arange(input_ids.shape[1]) < torch.tensor([len(x) for x in inputs])[:, None]).long(),
+            "attention_mask": (torch.arange(input_ids.shape[1]) < lengths[:, None]).long(),
             "labels": labels,
             "label_index": torch.tensor([row["label_index"] for row in rows]),
             "group": torch.tensor([row["group"] for row in rows]),

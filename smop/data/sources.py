@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from smop.data.tasks import Task, check_fields
+from smop.data.tasks import Task, check_fields, flatten
 
 SOURCES = ("sample", "dir", "hub", "synthetic")
 SPLIT_FILES = {"train": "train.jsonl", "test": "val.jsonl"}  # the official validation set is our test set
@@ -27,13 +27,10 @@ def read_jsonl(path: Path, task: Task) -> list[dict[str, Any]]:
                 if not isinstance(record, dict):
                     raise ValueError("a line must hold one JSON object")
                 check_fields(task, record)
-                if task.name == "multirc":
-                    for question in record["passage"]["questions"]:
-                        for answer in question["answers"]:
-                            task.label_index(answer["label"])
-                else:
-                    task.label_index(record["label"])
-            except (ValueError, KeyError, TypeError) as err:
+                list(flatten(task, [record]))  # labels, and MultiRC's nested questions and answers
+            except KeyError as err:
+                raise ValueError(f"{path}:{number}: malformed {task.name} record: missing field {err}") from err
+            except (ValueError, TypeError) as err:
                 raise ValueError(f"{path}:{number}: malformed {task.name} record: {err}") from err
             records.append(record)
     if not records:
