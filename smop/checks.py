@@ -37,8 +37,10 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
             raise ValueError(f"router.topk={topk} must be between 1 and the number of prompts method.num_prompts={k}")
     elif cfg.get("router") is not None:
         routing = [m for m in options("method") if m in {"smop"} or m.endswith("_smop")]
-        raise ValueError(f"router={router_name or cfg.router._target_} was given, but method={method} does not "
-                         f"route; routers apply to: {', '.join(routing)}")
+        raise ValueError(
+            f"router={router_name or cfg.router._target_} was given, but method={method} does not "
+            f"route; routers apply to: {', '.join(routing)}"
+        )
     data = cfg.dataset
     if data.source not in SOURCES:
         raise ValueError(f"dataset.source={data.source} is not one of: {', '.join(SOURCES)}")
@@ -50,12 +52,16 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
             raise FileNotFoundError(f"dataset.data_dir={data.data_dir} does not exist or is not a folder")
         missing = [name for name in SPLIT_FILES.values() if not (folder / name).is_file()]
         if missing:
-            raise FileNotFoundError(f"dataset.data_dir={data.data_dir} lacks {', '.join(missing)} "
-                                    "(the official SuperGLUE train.jsonl and val.jsonl)")
+            raise FileNotFoundError(
+                f"dataset.data_dir={data.data_dir} lacks {', '.join(missing)} "
+                "(the official SuperGLUE train.jsonl and val.jsonl)"
+            )
     prompt_length = cfg.method.get("prompt_length", 0)
     if data.max_length <= prompt_length + 1:
-        raise ValueError(f"dataset.max_length={data.max_length} leaves no room for input after a "
-                         f"{prompt_length}-token prompt (method.prompt_length)")
+        raise ValueError(
+            f"dataset.max_length={data.max_length} leaves no room for input after a "
+            f"{prompt_length}-token prompt (method.prompt_length)"
+        )
     if not cfg.train:
         if not cfg.get("ckpt_path"):
             raise ValueError("train=false evaluates a checkpoint: give ckpt_path=/path/to/checkpoint.ckpt")

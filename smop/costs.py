@@ -72,12 +72,15 @@ class TrainingCost(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pause(pl_module)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         _sync(pl_module.device)
         self._step_start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         _sync(pl_module.device)
         self.step_times.append(time.perf_counter() - self._step_start)
         self.examples += batch["input_ids"].shape[0]
@@ -124,8 +127,9 @@ class _InferenceForward(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor) -> Tensor:
         embeds, mask, _ = self.system.encoder_inputs(input_ids, attention_mask)
-        return self.system.backbone(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
-                                    use_cache=False).logits
+        return self.system.backbone(
+            inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids, use_cache=False
+        ).logits
 
 
 def inference_flops(system: nn.Module, batch: dict[str, Tensor]) -> float:
@@ -175,14 +179,22 @@ class FlopCounter(Callback):
             return
         rng = torch.get_rng_state()  # counting must not change the run's random stream (shuffle, noise)
         loader = trainer.datamodule.train_dataloader()
-        batches = [pl_module.transfer_batch_to_device(b, pl_module.device, 0)
-                   for b in itertools.islice(loader, self.num_batches)]
+        batches = [
+            pl_module.transfer_batch_to_device(b, pl_module.device, 0)
+            for b in itertools.islice(loader, self.num_batches)
+        ]
         with eager_attention(pl_module):
-            self.figures["inference_flops_per_example"] = statistics.mean(inference_flops(pl_module, b) for b in batches)
+            self.figures["inference_flops_per_example"] = statistics.mean(
+                inference_flops(pl_module, b) for b in batches
+            )
             if self.count_training:
-                self.figures["train_flops_per_example"] = statistics.mean(train_step_flops(pl_module, b) for b in batches)
+                self.figures["train_flops_per_example"] = statistics.mean(
+                    train_step_flops(pl_module, b) for b in batches
+                )
         torch.set_rng_state(rng)
-        self.figures["mean_input_tokens"] = statistics.mean(float(b["attention_mask"].sum(1).float().mean()) for b in batches)
+        self.figures["mean_input_tokens"] = statistics.mean(
+            float(b["attention_mask"].sum(1).float().mean()) for b in batches
+        )
         for logger in trainer.loggers:
             logger.log_metrics({f"cost/{k}": v for k, v in self.figures.items()})
 

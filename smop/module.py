@@ -18,10 +18,11 @@ from smop.metrics import RoutingCounts, TaskMetrics, to_label_index
 from smop.prompts.base import PromptModule, PromptOutput
 
 SPLITS = ("train", "val", "test")
+
+
 # ModuleDict keys may not shadow nn.Module attributes (`train`), hence the "_split" suffix.
 def _key(split: str) -> str:
     return f"{split}_split"
-
 
 
 def consistency_loss(logits_a: Tensor, logits_b: Tensor, labels: Tensor) -> Tensor:
@@ -80,7 +81,9 @@ class PromptTuningSystem(L.LightningModule):
         ones = attention_mask.new_ones(attention_mask.shape[0], out.prompt.shape[1])
         return torch.cat([out.prompt, embeds], dim=1), torch.cat([ones, attention_mask], dim=1), out
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, PromptOutput | None]:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+    ) -> tuple[Tensor, Tensor, PromptOutput | None]:
         """Task loss (plus the prompt module's auxiliary loss), decoder logits, prompt output."""
         embeds, mask, out = self.encoder_inputs(input_ids, attention_mask)
         result = self.backbone(inputs_embeds=embeds, attention_mask=mask, labels=labels)
@@ -91,8 +94,9 @@ class PromptTuningSystem(L.LightningModule):
     def predict_labels(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, PromptOutput | None]:
         """Greedy generation, normalised exact match to a label word (-1: no label word)."""
         embeds, mask, out = self.encoder_inputs(input_ids, attention_mask)
-        generated = self.backbone.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=1,
-                                           max_new_tokens=self.max_new_tokens)
+        generated = self.backbone.generate(
+            inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens
+        )
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return to_label_index(texts, self.task.label_words).to(input_ids.device), out
 
@@ -168,9 +172,13 @@ class PromptTuningSystem(L.LightningModule):
             problems.append(f"missing trainable weights {sorted(expected - saved)[:5]}")
         if saved - set(own):
             problems.append(f"unknown weights {sorted(saved - set(own))[:5]}")
-        problems += [f"{k}: checkpoint shape {tuple(checkpoint['state_dict'][k].shape)} != model {tuple(own[k].shape)}"
-                     for k in saved & set(own) if checkpoint["state_dict"][k].shape != own[k].shape]
+        problems += [
+            f"{k}: checkpoint shape {tuple(checkpoint['state_dict'][k].shape)} != model {tuple(own[k].shape)}"
+            for k in saved & set(own)
+            if checkpoint["state_dict"][k].shape != own[k].shape
+        ]
         if problems:
             saved_method = checkpoint.get("hyper_parameters", {}).get("method", {}).get("name", "?")
-            raise ValueError(f"Checkpoint does not match this model (saved method: {saved_method}): "
-                             + "; ".join(problems))
+            raise ValueError(
+                f"Checkpoint does not match this model (saved method: {saved_method}): " + "; ".join(problems)
+            )

@@ -20,12 +20,21 @@ def versions() -> dict[str, str | None]:
     import transformers
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "lightning": lightning.__version__, "git_commit": commit}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lightning": lightning.__version__,
+        "git_commit": commit,
+    }
 
 
 def write_results(output_dir: str | Path, results: dict[str, Any]) -> Path:
@@ -37,8 +46,10 @@ def write_results(output_dir: str | Path, results: dict[str, Any]) -> Path:
 
 def print_summary(results: dict[str, Any], console: Console | None = None) -> None:
     """One table: what ran, its scores, what it cost."""
-    table = Table(title=f"{results['method']} ({results.get('router') or 'no router'}) on {results['dataset']}"
-                        f" - {results['model']} - seed {results['seed']} - {results['status']}")
+    table = Table(
+        title=f"{results['method']} ({results.get('router') or 'no router'}) on {results['dataset']}"
+        f" - {results['model']} - seed {results['seed']} - {results['status']}"
+    )
     table.add_column("quantity")
     table.add_column("value", justify="right")
     for split in ("val", "test"):

@@ -55,8 +55,9 @@ class LinearRouter(Router):
     No noise and no dropout at evaluation. Top-k weights are the softmax probabilities, not renormalised.
     """
 
-    def __init__(self, d_model: int, num_prompts: int, topk: int = 1, perturb: bool = True,
-                 logit_dropout: float = 0.0, **kwargs) -> None:
+    def __init__(
+        self, d_model: int, num_prompts: int, topk: int = 1, perturb: bool = True, logit_dropout: float = 0.0, **kwargs
+    ) -> None:
         super().__init__(d_model, num_prompts, **kwargs)
         if not 1 <= topk <= num_prompts:
             raise ValueError(f"router.topk={topk} must be between 1 and method.num_prompts={num_prompts}")
@@ -109,8 +110,9 @@ class StochasticRouter(Router):
             indices = torch.randint(0, self.num_prompts, (batch, 1), device=features.device)
             return Routing(indices, torch.ones(batch, 1, device=features.device, dtype=features.dtype))
         indices = torch.arange(self.num_prompts, device=features.device).expand(batch, -1)
-        weights = torch.full((batch, self.num_prompts), 1.0 / self.num_prompts, device=features.device,
-                             dtype=features.dtype)
+        weights = torch.full(
+            (batch, self.num_prompts), 1.0 / self.num_prompts, device=features.device, dtype=features.dtype
+        )
         return Routing(indices, weights)
 
 

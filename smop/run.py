@@ -30,8 +30,12 @@ def choice(group: str) -> str | None:
 def build_datamodule(cfg: DictConfig, tokenizer: Any) -> SuperGLUEDataModule:
     """Read, split and tokenize the data now, so a malformed file fails before the model is built."""
     options = {k: v for k, v in cfg.dataset.items() if k != "epochs"}  # `epochs` is read by the trainer config
-    datamodule = instantiate(OmegaConf.create(options), tokenizer=tokenizer,
-                             prompt_length=cfg.method.get("prompt_length", 0), _convert_="all")
+    datamodule = instantiate(
+        OmegaConf.create(options),
+        tokenizer=tokenizer,
+        prompt_length=cfg.method.get("prompt_length", 0),
+        _convert_="all",
+    )
     datamodule.setup()
     return datamodule
 
@@ -65,8 +69,10 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 
 def count_parameters(module: torch.nn.Module) -> dict[str, int]:
-    return {"trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
-            "total": sum(p.numel() for p in module.parameters())}
+    return {
+        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in module.parameters()),
+    }
 
 
 def strip_prefix(metrics: dict[str, Any], split: str) -> dict[str, float]:
@@ -123,11 +129,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             checkpoint, results["metrics"]["best_epoch"] = best_checkpoint(callbacks)
         else:
             checkpoint = cfg.ckpt_path
-        results["metrics"]["val"] = strip_prefix(trainer.validate(system, datamodule=datamodule,
-                                                                  ckpt_path=checkpoint)[0], "val")
+        results["metrics"]["val"] = strip_prefix(
+            trainer.validate(system, datamodule=datamodule, ckpt_path=checkpoint)[0], "val"
+        )
         if cfg.test:
-            results["metrics"]["test"] = strip_prefix(trainer.test(system, datamodule=datamodule,
-                                                                   ckpt_path=checkpoint)[0], "test")
+            results["metrics"]["test"] = strip_prefix(
+                trainer.test(system, datamodule=datamodule, ckpt_path=checkpoint)[0], "test"
+            )
         results["status"] = "completed"
     except BaseException as err:
         results["status"] = "failed"

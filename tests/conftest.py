@@ -6,8 +6,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-for _name, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-                      "TOKENIZERS_PARALLELISM": "false"}.items():
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
     os.environ.setdefault(_name, _value)
 
 import pytest  # noqa: E402

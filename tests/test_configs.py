@@ -39,8 +39,11 @@ def test_default_is_smop_4x5_top1_perturbed_on_rte_with_tiny_t5(make_cfg):
 
 @pytest.mark.parametrize("method", options("method"))
 def test_fast_dev_run_every_method(make_cfg, method):
-    results = run(make_cfg(f"method={method}", "method.prompt_length=5", *FAST)
-                  if method != "full" else make_cfg("method=full", *FAST))
+    results = run(
+        make_cfg(f"method={method}", "method.prompt_length=5", *FAST)
+        if method != "full"
+        else make_cfg("method=full", *FAST)
+    )
     assert results["status"] == "completed"
     assert results["router"] == ("top1_perturbed" if method == "smop" else None)
 
@@ -60,6 +63,7 @@ def test_tensorboard_and_csv_loggers_write_their_files(make_cfg, tmp_path):
 
 
 # --- clear errors, before any model is built ------------------------------------------------------
+
 
 def test_unknown_option_lists_the_allowed_ones(make_cfg):
     with pytest.raises(MissingConfigException) as info:

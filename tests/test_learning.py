@@ -18,8 +18,16 @@ LEARNING_RATES = {"method=full": 1e-3, "method=p_tuning": 3e-3}  # prompts: 0.1
 
 @pytest.mark.parametrize(
     "overrides",
-    [["method=smop"], ["method=prompt_tuning", "method.prompt_length=20"], ["method=p_tuning", "method.prompt_length=20"],
-     ["method=full"], ["router=top2"], ["router=gumbel"], ["router=stochastic"], ["router=top1"]],
+    [
+        ["method=smop"],
+        ["method=prompt_tuning", "method.prompt_length=20"],
+        ["method=p_tuning", "method.prompt_length=20"],
+        ["method=full"],
+        ["router=top2"],
+        ["router=gumbel"],
+        ["router=stochastic"],
+        ["router=top1"],
+    ],
     ids=lambda o: "-".join(x.split("=")[1] for x in o[:1]),
 )
 def test_loss_on_a_fixed_batch_halves(make_cfg, overrides):
@@ -43,7 +51,9 @@ def route_by_range(system, tokenizer, seed: int = 123, per_range: int = 100) -> 
     system.eval()
     for chars in character_ranges(2):
         generator = torch.Generator().manual_seed(seed)
-        texts = ["".join(chars[i] for i in torch.randint(len(chars), (12,), generator=generator)) for _ in range(per_range)]
+        texts = [
+            "".join(chars[i] for i in torch.randint(len(chars), (12,), generator=generator)) for _ in range(per_range)
+        ]
         encoded = tokenizer(texts, return_tensors="pt")
         embeds = system.backbone.get_input_embeddings()(encoded.input_ids)
         with torch.no_grad():
@@ -64,8 +74,7 @@ def test_router_specialises_on_the_synthetic_mixture(make_cfg):
     L.seed_everything(cfg.seed)
     datamodule = build_datamodule(cfg, tokenizer)
     system = build_system(cfg, datamodule, tokenizer)
-    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False,
-                          enable_checkpointing=False)
+    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False, enable_checkpointing=False)
     trainer.fit(system, datamodule=datamodule)
     accuracy = trainer.test(system, datamodule=datamodule, verbose=False)[0]["test/accuracy"]
     first, second = route_by_range(system, tokenizer)

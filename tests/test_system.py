@@ -73,7 +73,9 @@ def test_consistency_loss_is_zero_for_equal_logits_and_symmetric():
     logits_a, logits_b = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
     labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
     assert consistency_loss(logits_a, logits_a, labels).item() == pytest.approx(0.0, abs=1e-6)
-    torch.testing.assert_close(consistency_loss(logits_a, logits_b, labels), consistency_loss(logits_b, logits_a, labels))
+    torch.testing.assert_close(
+        consistency_loss(logits_a, logits_b, labels), consistency_loss(logits_b, logits_a, labels)
+    )
     assert consistency_loss(logits_a, logits_b, labels) > 0
 
 

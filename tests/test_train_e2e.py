@@ -21,13 +21,23 @@ SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", *SYNTHETIC]
 @pytest.mark.slow
 def test_embedded_default_as_a_subprocess(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
-    done = subprocess.run([sys.executable, "train.py", f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "train.py", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "completed"
     assert (results["method"], results["router"], results["dataset"], results["model"]) == (
-        "smop", "top1_perturbed", "rte", "tiny")
+        "smop",
+        "top1_perturbed",
+        "rte",
+        "tiny",
+    )
     assert results["params"]["trainable"] == 20 * 128 + 128 * 4
     assert set(results["metrics"]["test"]) == {"accuracy", "score"} and results["metrics"]["best_epoch"] is not None
     assert results["cost"]["train_time_s"] > 0 and results["cost"]["memory_kind"] == "cpu_peak_rss"
@@ -44,8 +54,16 @@ def test_evaluation_only_does_not_depend_on_eval_batch_size(make_cfg, tmp_path):
     by_size = {}
     for size in (1, 7):
         out = tmp_path / f"eval{size}"
-        cfg = compose_config(["train=false", f"ckpt_path={checkpoint}", f"dataset.eval_batch_size={size}",
-                              "~callbacks.flop_counter", *SHORT], out)
+        cfg = compose_config(
+            [
+                "train=false",
+                f"ckpt_path={checkpoint}",
+                f"dataset.eval_batch_size={size}",
+                "~callbacks.flop_counter",
+                *SHORT,
+            ],
+            out,
+        )
         by_size[size] = run(cfg)
     assert by_size[1]["metrics"] == by_size[7]["metrics"]
     assert by_size[1]["routing"]["counts"] == by_size[7]["routing"]["counts"]

@@ -22,7 +22,10 @@ class PTuning(PromptModule):
         d = embedding.embedding_dim
         self.table = nn.Parameter(init_prompt(prompt_length, embedding, init, tokenizer, init_text))
         self.mlp = nn.Sequential(
-            nn.Linear(d, hidden_size), nn.ReLU(), nn.Linear(hidden_size, hidden_size), nn.ReLU(),
+            nn.Linear(d, hidden_size),
+            nn.ReLU(),
+            nn.Linear(hidden_size, hidden_size),
+            nn.ReLU(),
             nn.Linear(hidden_size, d),
         )
 
