@@ -12,8 +12,9 @@ SYNTHETIC = ["dataset=synthetic_mixture", "dataset.synthetic.num_train=200", "da
 
 
 def build(cfg: DictConfig) -> tuple[PromptTuningSystem, dict]:
-    """The system `train.py` would build for `cfg`, and its first training batch."""
+    """The system `train.py` would build for `cfg`, and a fixed batch: the first rows of its train split
+    (the same for every method, whatever the methods' initialisations do to the shuffling RNG)."""
     tokenizer = build_tokenizer(cfg.model.name_or_path)
     datamodule = build_datamodule(cfg, tokenizer)
     system = build_system(cfg, datamodule, tokenizer)
-    return system, next(iter(datamodule.train_dataloader()))
+    return system, datamodule.collate(datamodule.splits["train"][: datamodule.batch_size])

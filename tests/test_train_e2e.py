@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -76,3 +77,15 @@ def test_same_seed_same_metrics_other_seed_other_prompts(tmp_path):
     third = run(compose_config(["seed=4", *SHORT], tmp_path / "c"))
     assert first["metrics"] == second["metrics"] and first["routing"] == second["routing"]
     assert first["routing"] != third["routing"]
+
+
+def test_test_scores_come_from_the_best_validation_epoch(make_cfg, tmp_path):
+    """Not the last epoch's weights: the checkpoint with the best val/score (first one on ties)."""
+    overrides = ["dataset=synthetic_mixture", "dataset.synthetic.num_test=40", "~callbacks.flop_counter"]
+    results = run(make_cfg("trainer.max_epochs=5", "trainer.limit_train_batches=4", *overrides))
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    scores = [(int(r["epoch"]), float(r["val/score"])) for r in rows if r.get("val/score")][:5]  # the 5 fit epochs
+    best = max(scores, key=lambda item: item[1])  # max() keeps the first of equal scores, as the checkpoint does
+    assert len({score for _, score in scores}) > 1
+    assert results["metrics"]["best_epoch"] == best[0] < 4
+    assert results["metrics"]["val"]["score"] == pytest.approx(best[1])

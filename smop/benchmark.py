@@ -1,0 +1,754 @@
+"""What each prompt method costs per training step, on one frozen backbone and the same batches.
+
+`python -m smop.benchmark benchmark.model=t5-base benchmark.precision=bf16` measures, in one process,
+for every variant of `benchmark.variants`: the median time of a training step (forward + backward +
+optimizer step, after warm-up, no evaluation), the peak memory of those steps, the inference FLOPs per
+example (fvcore, eager attention) and the trainable parameters. Our methods run their real
+`PromptTuningSystem.forward`; the peers are the `peft` library's prompt tuning and a bare PyTorch loop.
+Inputs have the bundled samples' real lengths and fixed lengths. Results go to benchmark.md and
+benchmark.json in the Hydra output directory. docs/benchmarks.md explains every column.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
+
+from smop.backbones import build_tokenizer, freeze
+from smop.checks import CONFIG_DIR, method_routes
+from smop.costs import eager_attention, inference_flops
+from smop.data.tasks import Task
+from smop.module import PromptTuningSystem
+from smop.prompts import PTuning, SparseMixtureOfPrompts
+from smop.results import versions
+from smop.run import build_datamodule, build_prompt
+
+log = logging.getLogger(__name__)
+Batch = dict[str, Tensor]
+MIB = 2**20
+
+
+# --- backbone ---------------------------------------------------------------------------------------
+def build_t5(architecture: dict[str, Any]) -> T5ForConditionalGeneration:
+    """The real architecture with random weights: no download, and every variant shares it."""
+    return T5ForConditionalGeneration(T5Config(**architecture))
+
+
+def twin_on_same_weights(model: T5ForConditionalGeneration) -> T5ForConditionalGeneration:
+    """A second T5 object (for peft to wrap) whose parameters use the storage of `model`'s: the same
+    state dict, no second copy in memory, so peft and our methods are measured on identical weights."""
+    with torch.device("meta"):
+        twin = T5ForConditionalGeneration(copy.deepcopy(model.config))
+    twin.load_state_dict(model.state_dict(), assign=True)
+    return twin.eval()
+
+
+# --- data: the same batches for every variant --------------------------------------------------------
+@dataclass
+class Setting:
+    """One input-length regime: the batches every variant trains on, already on the device."""
+
+    name: str
+    kind: str  # "real" (a task's rows with dynamic padding) or "fixed" (every input exactly this long)
+    batches: list[Batch]
+
+    def describe(self) -> dict[str, float]:
+        masks = [b["attention_mask"] for b in self.batches]
+        return {"input_tokens_mean": statistics.mean(float(m.sum(1).float().mean()) for m in masks),
+                "padded_length_mean": statistics.mean(float(m.shape[1]) for m in masks),
+                "label_length_mean": statistics.mean(float(b["labels"].shape[1]) for b in self.batches)}
+
+
+@dataclass
+class TaskRows:
+    """A task's training rows as token ids, with the datamodule's own collate (dynamic padding)."""
+
+    task: Task
+    rows: list[dict[str, Any]]
+    collate: Callable[[list[dict[str, Any]]], Batch]
+    pad_id: int
+    lengths: str  # how the lengths were obtained, for the report
+
+
+def estimated_length(num_bytes: int, bytes_per_token: float) -> int:
+    """Subword tokens of a text of `num_bytes` bytes, plus EOS (SentencePiece averages ~4 bytes a token)."""
+    return max(1, math.ceil(num_bytes / bytes_per_token)) + 1
+
+
+def task_rows(bench: DictConfig, task: str, tokenizer: PreTrainedTokenizerBase, estimate: bool, budget: int,
+              vocab_high: int) -> TaskRows:
+    """Rows of the task read through SuperGLUEDataModule (`benchmark.source`, sample by default).
+
+    With a real tokenizer the ids are real, truncated to `budget` as in training. Without one
+    (`estimate`: t5-base/large offline) the text is read as bytes and each input gets random ids of its
+    estimated subword length, so lengths stay realistic though the ids are not.
+    """
+    dataset = OmegaConf.load(CONFIG_DIR / "dataset" / f"{task}.yaml")
+    root = OmegaConf.create({"seed": bench.seed, "dataset": dataset, "method": {"prompt_length": 0}})
+    root.dataset.source = bench.source
+    if bench.data_dir:
+        root.dataset.data_dir = str(bench.data_dir).format(task=task)
+    root.dataset.max_length = 10**7 if estimate else budget  # bytes are estimated and cut below
+    OmegaConf.resolve(root)
+    datamodule = build_datamodule(root, tokenizer)
+    rows = datamodule.splits["train"]
+    pad_id = tokenizer.pad_token_id
+    if not estimate:
+        return TaskRows(datamodule.task, rows, datamodule.collate, pad_id, f"real ids ({type(tokenizer).__name__})")
+    generator = torch.Generator().manual_seed(bench.seed)
+    eos = tokenizer.eos_token_id
+    label_ids = [torch.randint(3, vocab_high, (estimated_length(len(w.encode()), bench.bytes_per_token) - 1,),
+                               generator=generator).tolist() + [eos] for w in datamodule.task.label_words]
+    estimated = []
+    for row in rows:
+        length = min(estimated_length(len(row["input_ids"]) - 1, bench.bytes_per_token), budget)
+        ids = torch.randint(3, vocab_high, (length - 1,), generator=generator).tolist() + [eos]
+        estimated.append({**row, "input_ids": ids, "labels": label_ids[row["label_index"]]})
+    note = f"estimated: random ids, length = ceil(bytes / {bench.bytes_per_token}) + EOS"
+    return TaskRows(datamodule.task, estimated, datamodule.collate, pad_id, note)
+
+
+def real_batches(rows: TaskRows, batch_size: int, count: int, seed: int) -> list[Batch]:
+    """`count` full batches in a seeded shuffled order, epoch after epoch, dynamically padded."""
+    generator = torch.Generator().manual_seed(seed)
+    batches: list[Batch] = []
+    while len(batches) < count:
+        loader = DataLoader(rows.rows, batch_size=batch_size, shuffle=True, drop_last=True,
+                            collate_fn=rows.collate, generator=generator)
+        before = len(batches)
+        batches += list(itertools.islice(loader, count - len(batches)))
+        if len(batches) == before:
+            raise ValueError(f"benchmark.batch_size={batch_size} is larger than the {len(rows.rows)} training rows "
+                             f"of {rows.task.name}; lower it or give more data (benchmark.source=dir)")
+    return batches
+
+
+def fixed_batches(like: list[Batch], length: int, vocab_high: int, eos: int, seed: int) -> list[Batch]:
+    """Inputs of exactly `length` tokens (random ids ending in EOS, no padding), the labels of `like`."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for batch in like:
+        rows = batch["input_ids"].shape[0]
+        ids = torch.randint(3, vocab_high, (rows, length), generator=generator)
+        ids[:, -1] = eos
+        batches.append({**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return batches
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# --- memory on CPU ----------------------------------------------------------------------------------
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages created under this mode and alive at the same time.
+
+    The CPU stand-in for `torch.cuda.max_memory_allocated` (which has no CPU counterpart; a process's peak
+    RSS mixes every variant and the allocator's caching). Every op output whose storage is not one of the
+    op's inputs (so not a view or an in-place result) is a new allocation; it is counted until its storage
+    is freed. Kernel-internal scratch buffers are not seen. Storages that existed before (weights,
+    optimizer state) are the caller's to add.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, Tensor):
+                self._track(tensor.untyped_storage(), inputs)
+        return out
+
+    def _track(self, storage: torch.UntypedStorage, inputs: set[int]) -> None:
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in inputs or key in self._sizes:
+            return
+        self._sizes[key] = size
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key)  # storages keep their Python object until freed
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+
+def resident_bytes(modules: list[nn.Module], optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of the distinct storages of every parameter, gradient and optimizer state tensor."""
+    tensors = [p for m in modules for p in m.parameters()] + [p.grad for m in modules for p in m.parameters()
+                                                              if p.grad is not None]
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+# --- variants ---------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(step: Callable[[Batch], None], batches: list[Batch], warmup: int, device: torch.device) -> list[float]:
+    """Wall time of each step after the first `warmup`, synchronised with the device on both sides."""
+    times = []
+    for i, batch in enumerate(batches):
+        sync(device)
+        start = time.perf_counter()
+        step(batch)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+@dataclass
+class Runner:
+    """One variant ready to train. `step` = forward + backward + optimizer step + zero_grad on one batch."""
+
+    step: Callable[[Batch], None]
+    trainable: int
+    modules: list[nn.Module]  # everything whose weights it holds (for the CPU memory figure)
+    optimizer: torch.optim.Optimizer | None
+    system: PromptTuningSystem | None = None  # set for our methods: FLOPs are counted through it
+    prompt_length: int = 0
+    run: Callable[[list[Batch], int], list[float]] | None = None  # its own timed loop (Lightning)
+    close: Callable[[], None] = field(default=lambda: None)
+
+
+def method_config(spec: DictConfig, optimizer: str) -> DictConfig:
+    """The project's own method / router / optimizer configs, with the variant's `set` overrides applied."""
+    method = OmegaConf.load(CONFIG_DIR / "method" / f"{spec.method}.yaml")
+    method.pop("defaults", None)  # the router is chosen by the variant
+    router = OmegaConf.load(CONFIG_DIR / "router" / f"{spec.router}.yaml") if spec.get("router") else None
+    root = OmegaConf.create({"method": method, "router": router,
+                             "optimizer": OmegaConf.load(CONFIG_DIR / "optimizer" / f"{optimizer}.yaml")})
+    root.method = OmegaConf.merge(root.method, spec.get("set") or {})
+    OmegaConf.resolve(root)
+    routes = method_routes(root)
+    if routes != (router is not None):
+        raise ValueError(f"variant with method={spec.method}: " + ("it routes and needs a `router`" if routes else
+                                                                   "it does not route; remove its `router`"))
+    return root
+
+
+def build_ours(root: DictConfig, backbone: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+               task: Task, device: torch.device, autocast: Callable[[], Any]) -> Runner:
+    """Our PromptTuningSystem, exactly as train.py builds it, driven by a plain loop (see docs)."""
+    full = bool(root.method.train_backbone)
+    snapshot = {k: v.detach().to("cpu", copy=True) for k, v in backbone.state_dict().items()} if full else None
+    if full:
+        backbone.requires_grad_(True)  # full fine-tuning trains the shared backbone; restored on close
+    system = PromptTuningSystem(backbone, tokenizer, task, build_prompt(root, backbone, tokenizer),
+                                optimizer=instantiate(root.optimizer), train_backbone=full).to(device)
+    system.train()
+    optimizer = system.optimizer_factory([p for p in system.parameters() if p.requires_grad])
+
+    def step(batch: Batch) -> None:
+        with autocast():
+            loss, _, _ = system(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def close() -> None:
+        if snapshot is not None:
+            backbone.load_state_dict(snapshot)
+            freeze(backbone)
+
+    trainable = sum(p.numel() for p in system.parameters() if p.requires_grad)
+    return Runner(step, trainable, [system], optimizer, system, root.method.get("prompt_length", 0), close=close)
+
+
+def build_lightning(root: DictConfig, backbone: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+                    task: Task, device: torch.device, precision: str) -> Runner:
+    """The same system trained by Lightning's Trainer, timed by the project's TrainingCost callback:
+    what a real run's `cost.step_time_s_median` measures, hooks and logging included."""
+    import lightning as L
+
+    from smop.costs import TrainingCost
+
+    system = PromptTuningSystem(backbone, tokenizer, task, build_prompt(root, backbone, tokenizer),
+                                optimizer=instantiate(root.optimizer))
+
+    def run(batches: list[Batch], warmup: int) -> list[float]:
+        cost = TrainingCost()
+        trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                            precision="bf16-mixed" if precision == "bf16" else "32-true", max_epochs=1,
+                            limit_train_batches=len(batches), limit_val_batches=0, num_sanity_val_steps=0,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[cost])
+        trainer.fit(system, train_dataloaders=DataLoader(batches, batch_size=None))
+        return cost.step_times[warmup:]
+
+    trainable = sum(p.numel() for p in system.parameters() if p.requires_grad)
+    return Runner(lambda batch: None, trainable, [system], None, None, root.method.prompt_length, run=run)
+
+
+def build_peft(root: DictConfig, backbone: T5ForConditionalGeneration, device: torch.device,
+               autocast: Callable[[], Any], train_mode: bool) -> Runner:
+    """The peer: peft's prompt tuning on a twin T5 holding the same weights, allocating exactly L rows."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    length = int(root.method.prompt_length)
+    config = PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=length,
+                                num_transformer_submodules=1)
+    model = get_peft_model(twin_on_same_weights(backbone), config).to(device)
+    model.train(train_mode)  # False: frozen backbone in eval mode (no dropout), as our system keeps it
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = instantiate(root.optimizer)(params)
+
+    def step(batch: Batch) -> None:
+        with autocast():
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Runner(step, sum(p.numel() for p in params), [model], optimizer, prompt_length=length)
+
+
+def build_bare(root: DictConfig, backbone: T5ForConditionalGeneration, device: torch.device,
+               autocast: Callable[[], Any]) -> Runner:
+    """The floor: a plain nn.Parameter prompt concatenated to the embedding output, no project class."""
+    length = int(root.method.prompt_length)
+    prompt = nn.Parameter(torch.randn(length, backbone.config.d_model, device=device))
+    optimizer = instantiate(root.optimizer)([prompt])
+    embed = backbone.get_input_embeddings()
+
+    def step(batch: Batch) -> None:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        with autocast():
+            x = embed(ids)
+            x = torch.cat([prompt.to(x.dtype).expand(ids.shape[0], -1, -1), x], dim=1)
+            mask = torch.cat([mask.new_ones(ids.shape[0], length), mask], dim=1)
+            loss = backbone(inputs_embeds=x, attention_mask=mask, labels=batch["labels"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    holder = nn.ParameterList([prompt])
+    return Runner(step, prompt.numel(), [backbone, holder], optimizer, prompt_length=length)
+
+
+# --- FLOPs ------------------------------------------------------------------------------------------
+def analytic_inference_flops(config: T5Config, encoder_length: int, decoder_length: int) -> float:
+    """Multiply-adds per example of one T5 inference forward, counted as fvcore counts (matmuls only).
+
+    With d = d_model, i = heads * d_kv, f = d_ff, m = 2 (ReLU FFN) or 3 (gated), n encoder tokens
+    (prompt + padded input), t decoder tokens, V the vocabulary:
+      encoder, per layer:  4 n d i (q, k, v, o) + 2 n^2 i (scores, values) + m n d f (FFN)
+      decoder, per layer:  4 t d i + 2 t^2 i (self-attention)
+                           + 2 t d i (cross q, o) + 2 n d i (cross k, v) + 2 t n i (cross scores, values)
+                           + m t d f (FFN)
+      LM head:             t d V
+    """
+    d, f, vocab = config.d_model, config.d_ff, config.vocab_size
+    inner = config.num_heads * config.d_kv
+    ffn = 3 if config.is_gated_act else 2
+    n, t = encoder_length, decoder_length
+    encoder = config.num_layers * (4 * n * d * inner + 2 * n * n * inner + ffn * n * d * f)
+    decoder = config.num_decoder_layers * (4 * t * d * inner + 2 * t * t * inner + 2 * t * d * inner
+                                           + 2 * n * d * inner + 2 * t * n * inner + ffn * t * d * f)
+    return float(encoder + decoder + t * d * vocab)
+
+
+def prompt_module_flops(prompt: nn.Module | None, rows: int) -> float:
+    """Multiply-adds per example of the prompt module itself (fvcore counts its linears and einsum)."""
+    if isinstance(prompt, SparseMixtureOfPrompts):
+        num, length, d = prompt.prompts.shape
+        router = prompt.router.linear.in_features * num if hasattr(prompt.router, "linear") else 0
+        return float(router + getattr(prompt.router, "topk", 1) * length * d)  # router + weighted gather
+    if isinstance(prompt, PTuning):
+        layers = [m for m in prompt.mlp if isinstance(m, nn.Linear)]
+        return prompt.prompt_length * sum(m.in_features * m.out_features for m in layers) / rows  # once a batch
+    return 0.0
+
+
+def count_flops(runner: Runner, batches: list[Batch], rows: int) -> dict[str, float]:
+    """fvcore and analytic inference FLOPs per example, averaged over `batches` cut to `rows` rows
+    (their padded width kept, so the per-example figure is the full batch's)."""
+    system = runner.system
+    assert system is not None
+    measured, analytic = [], []
+    with eager_attention(system):
+        for batch in batches:
+            part = {k: v[:rows] for k, v in batch.items()}
+            measured.append(inference_flops(system, part))
+            width = runner.prompt_length + part["input_ids"].shape[1]
+            analytic.append(analytic_inference_flops(system.backbone.config, width, part["labels"].shape[1])
+                            + prompt_module_flops(system.prompt, part["input_ids"].shape[0]))
+    return {"inference_flops_per_example": statistics.mean(measured),
+            "analytic_flops_per_example": statistics.mean(analytic)}
+
+
+# --- one measurement --------------------------------------------------------------------------------
+class Bench:
+    """The shared state of a benchmark run: backbone, tokenizer, device, precision, the variants' specs."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)  # on a shared CPU, 1 thread avoids OpenMP threads waiting on each other
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                                   else "cpu" if cfg.device == "auto" else cfg.device)
+        if cfg.precision not in ("fp32", "bf16"):
+            raise ValueError(f"benchmark.precision={cfg.precision}; allowed: fp32, bf16")
+        self.batch_size = cfg.batch_size or (32 if self.device.type == "cuda" else 8)
+        if cfg.model not in cfg.architectures:
+            raise ValueError(f"benchmark.model={cfg.model}; allowed: {', '.join(cfg.architectures)}")
+        architecture = OmegaConf.to_container(cfg.architectures[cfg.model], resolve=True)
+        torch.manual_seed(cfg.seed)
+        self.backbone = freeze(build_t5(architecture)).to(self.device)
+        tiny = cfg.model == "t5-tiny"
+        self.estimate = not tiny and not cfg.tokenizer
+        self.tokenizer = build_tokenizer("tiny" if tiny or self.estimate else cfg.tokenizer)
+        self.vocab_high = min(self.backbone.config.vocab_size, 32000)  # no sentinels or padding rows
+        names = list(cfg.run_variants or cfg.variants)
+        unknown = set(names) - set(cfg.variants)
+        if unknown:
+            raise ValueError(f"benchmark.run_variants: unknown {sorted(unknown)}; known: {', '.join(cfg.variants)}")
+        self.specs = {name: cfg.variants[name] for name in names}
+        self.roots = {name: method_config(spec, cfg.optimizer) for name, spec in self.specs.items()}
+        self.longest_prompt = max(int(r.method.get("prompt_length", 0)) for r in self.roots.values())
+        self.memory_kind = "cuda_max_allocated" if self.device.type == "cuda" else "cpu_live_tensors"
+
+    def autocast(self) -> Any:
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def build(self, name: str, task: Task) -> Runner:
+        """A fresh variant, seeded: the same initial prompt in every setting."""
+        torch.manual_seed(self.cfg.seed)
+        spec, root = self.specs[name], self.roots[name]
+        if spec.runner == "ours":
+            return build_ours(root, self.backbone, self.tokenizer, task, self.device, self.autocast)
+        if spec.runner == "lightning":
+            return build_lightning(root, self.backbone, self.tokenizer, task, self.device, self.cfg.precision)
+        if spec.runner == "peft":
+            return build_peft(root, self.backbone, self.device, self.autocast, self.cfg.peft_train_mode)
+        if spec.runner == "bare":
+            return build_bare(root, self.backbone, self.device, self.autocast)
+        raise ValueError(f"variant {name}: runner={spec.runner}; allowed: ours, lightning, peft, bare")
+
+    def measure(self, name: str, setting: Setting, task: Task) -> dict[str, Any]:
+        """Time, memory, FLOPs and trainable parameters of one variant on one setting's batches."""
+        cfg = self.cfg
+        runner = self.build(name, task)
+        try:
+            if self.device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(self.device)
+            times = (runner.run or (lambda b, w: timed_steps(runner.step, b, w, self.device)))(
+                setting.batches, cfg.warmup_steps)
+            memory = None
+            if self.device.type == "cuda":
+                memory = torch.cuda.max_memory_allocated(self.device)
+            elif runner.run is None and cfg.memory_steps > 0:
+                resident = resident_bytes(runner.modules, runner.optimizer)
+                with LiveTensorBytes() as tracker:
+                    for batch in setting.batches[: cfg.memory_steps]:
+                        runner.step(batch)
+                memory = resident + tracker.peak
+            median = statistics.median(times)
+            result = {"runner": self.specs[name].runner, "trainable_params": runner.trainable,
+                      "step_time_s_median": median, "step_times_s": times,
+                      "examples_per_s": self.batch_size / median, "peak_memory_bytes": memory}
+            if runner.system is not None:
+                result.update(count_flops(runner, setting.batches[: cfg.flops_batches], cfg.flops_rows))
+            return result
+        finally:
+            runner.close()
+            del runner
+            gc.collect()
+
+
+# --- the data-pipeline comparison -------------------------------------------------------------------
+def padded_collate(collate: Callable[[list[dict[str, Any]]], Batch], length: int,
+                   pad_id: int) -> Callable[[list[dict[str, Any]]], Batch]:
+    """Pad every batch to `length` input tokens, as the DePT reference pads to max_length."""
+
+    def pad(rows: list[dict[str, Any]]) -> Batch:
+        batch = collate(rows)
+        extra = length - batch["input_ids"].shape[1]
+        return {**batch, "input_ids": F.pad(batch["input_ids"], (0, extra), value=pad_id),
+                "attention_mask": F.pad(batch["attention_mask"], (0, extra), value=0)}
+
+    return pad
+
+
+def pipeline_comparison(bench: Bench, rows: TaskRows) -> dict[str, Any]:
+    """Examples per second of a pass through the train DataLoader + training steps: our dynamic padding
+    against padding every batch to max_length. One untimed warm-up step first."""
+    cfg = bench.cfg.pipeline
+    name = cfg.variant
+    budget = bench.cfg.max_length - int(bench.roots[name].method.get("prompt_length", 0))
+    modes = {"dynamic": rows.collate, "max_length": padded_collate(rows.collate, budget, rows.pad_id)}
+    result: dict[str, Any] = {"variant": name, "task": rows.task.name, "max_length_input": budget}
+    for mode, collate in modes.items():
+        runner = bench.build(name, rows.task)
+        try:
+            loader = DataLoader(rows.rows, batch_size=bench.batch_size, shuffle=True, collate_fn=collate,
+                                generator=torch.Generator().manual_seed(bench.cfg.seed))
+            runner.step(to_device(next(iter(loader)), bench.device))
+            examples, widths = 0, []
+            sync(bench.device)
+            start = time.perf_counter()
+            for batch in itertools.islice(loader, cfg.max_batches):
+                runner.step(to_device(batch, bench.device))
+                examples += batch["input_ids"].shape[0]
+                widths.append(batch["input_ids"].shape[1])
+            sync(bench.device)
+            elapsed = time.perf_counter() - start
+        finally:
+            runner.close()
+        result[mode] = {"examples": examples, "batches": len(widths), "seconds": elapsed,
+                        "examples_per_s": examples / elapsed, "padded_length_mean": statistics.mean(widths)}
+    result["speedup_dynamic_over_max_length"] = (result["dynamic"]["examples_per_s"]
+                                                 / result["max_length"]["examples_per_s"])
+    return result
+
+
+# --- ratios and the analytic check ------------------------------------------------------------------
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def compare(variants: dict[str, dict[str, Any]], names: DictConfig) -> dict[str, float | None]:
+    """The headline ratios (each None when a variant it needs was not run)."""
+
+    def get(key: str, figure: str) -> float | None:
+        return variants.get(names.get(key), {}).get(figure)
+
+    out = {
+        "smop_over_pt_step_time": ratio(get("smop", "step_time_s_median"), get("pt", "step_time_s_median")),
+        "smop_over_pt_memory": ratio(get("smop", "peak_memory_bytes"), get("pt", "peak_memory_bytes")),
+        "smop_over_pt_flops": ratio(get("smop", "inference_flops_per_example"),
+                                    get("pt", "inference_flops_per_example")),
+        "ours_over_peft_step_time": ratio(get("pt", "step_time_s_median"), get("peft", "step_time_s_median")),
+        "ours_over_bare_step_time": ratio(get("pt", "step_time_s_median"), get("bare", "step_time_s_median")),
+        "lightning_over_plain_step_time": ratio(get("lightning", "step_time_s_median"),
+                                                get("pt", "step_time_s_median")),
+    }
+    fv_pt, fv_smop = get("pt", "inference_flops_per_example"), get("smop", "inference_flops_per_example")
+    an_pt, an_smop = get("pt", "analytic_flops_per_example"), get("smop", "analytic_flops_per_example")
+    if None not in (fv_pt, fv_smop, an_pt, an_smop):
+        fvcore_delta, analytic_delta = fv_pt - fv_smop, an_pt - an_smop
+        out.update({"fvcore_flops_delta": fvcore_delta, "analytic_flops_delta": analytic_delta,
+                    "flops_delta_rel_error": abs(fvcore_delta - analytic_delta) / abs(analytic_delta)})
+    return out
+
+
+# --- the report -------------------------------------------------------------------------------------
+TARGETS = {"smop_over_pt_step_time": 0.85, "smop_over_pt_memory": 0.77, "smop_over_pt_flops": 0.73,
+           "ours_over_peft_step_time": 1.00}
+RATIO_LABELS = {
+    "smop_over_pt_step_time": "SMoP/PT-100 time", "smop_over_pt_memory": "SMoP/PT-100 memory",
+    "smop_over_pt_flops": "SMoP/PT-100 FLOPs", "ours_over_peft_step_time": "ours/peft time",
+    "ours_over_bare_step_time": "ours/bare time", "lightning_over_plain_step_time": "Lightning/plain time",
+    "flops_delta_rel_error": "analytic check (rel. err.)",
+}
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "-"
+    return {"ms": f"{value * 1e3:,.1f}", "mib": f"{value / MIB:,.1f}", "gflops": f"{value / 1e9:,.4g}",
+            "int": f"{value:,}", "rate": f"{value:,.1f}", "ratio": f"{value:.3f}",
+            "pct": f"{value * 100:.3f}%"}[kind]
+
+
+def memory_header(kind: str) -> str:
+    return ("Peak MiB: torch.cuda.max_memory_allocated over the training steps" if kind == "cuda_max_allocated" else
+            "Peak MiB (CPU): weights + optimizer state + the peak of tensors alive at once during a step "
+            "(tracked at the dispatcher; no CUDA counter exists on CPU)")
+
+
+def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Title, header, rows of every table: one per setting, the ratios, the data pipeline."""
+    out = []
+    header = ["variant", "trainable", "step ms", "examples/s", "peak MiB", "GFLOPs/ex fvcore", "GFLOPs/ex analytic"]
+    for setting in report["settings"]:
+        rows = [[name, _fmt(v["trainable_params"], "int"), _fmt(v["step_time_s_median"], "ms"),
+                 _fmt(v["examples_per_s"], "rate"), _fmt(v["peak_memory_bytes"], "mib"),
+                 _fmt(v.get("inference_flops_per_example"), "gflops"),
+                 _fmt(v.get("analytic_flops_per_example"), "gflops")] for name, v in setting["variants"].items()]
+        shape = setting["shape"]
+        title = (f"{setting['name']}: mean input {shape['input_tokens_mean']:.1f} tokens, padded "
+                 f"{shape['padded_length_mean']:.1f}, labels {shape['label_length_mean']:.1f} ({setting['lengths']})")
+        out.append((title, header, rows))
+    ratio_header = ["setting"] + [RATIO_LABELS[k] + (f" (<= {TARGETS[k]:.2f})" if k in TARGETS else "")
+                                  for k in RATIO_LABELS]
+    ratio_rows = [[s["name"]] + [_fmt(s["ratios"].get(k), "pct" if k == "flops_delta_rel_error" else "ratio")
+                                 for k in RATIO_LABELS] for s in report["settings"]]
+    out.append(("Ratios (SMoP 4x5 vs PT-100; our PT-100 vs peft's, the bare loop, and Lightning)",
+                ratio_header, ratio_rows))
+    pipe = report.get("pipeline")
+    if pipe:
+        rows = [[mode, str(pipe[mode]["examples"]), f"{pipe[mode]['padded_length_mean']:.1f}",
+                 _fmt(pipe[mode]["examples_per_s"], "rate")] for mode in ("dynamic", "max_length")]
+        rows.append(["dynamic / max_length", "", "", _fmt(pipe["speedup_dynamic_over_max_length"], "ratio")])
+        out.append((f"Data pipeline: {pipe['variant']} on {pipe['task']}, DataLoader + training steps "
+                    f"(max_length pads inputs to {pipe['max_length_input']})",
+                    ["padding", "examples", "mean padded length", "examples/s"], rows))
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    lines = [f"# Benchmark: {report['model']} ({report['precision']}, batch {report['batch_size']}, "
+             f"{report['device']})", "",
+             f"{machine['date']} - {machine['device_name']} - {machine['cpu_count']} CPU cores, "
+             f"{machine['torch_threads']} torch threads - torch {report['versions']['torch']}, "
+             f"transformers {report['versions']['transformers']}, peft {machine['peft']}", "",
+             f"Command: `{report['command']}`", "",
+             f"Step ms: median of {report['steps']} x {report['rounds']} timed steps (forward + backward + "
+             f"optimizer step) after {report['warmup_steps']} warm-up steps. {memory_header(report['memory_kind'])}. "
+             "GFLOPs/ex: inference forward per example (encoder + decoder over the label length), multiply-adds. "
+             "Targets in brackets are reported, not asserted.", ""]
+    for title, header, rows in tables(report):
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def print_tables(report: dict[str, Any], console: Console) -> None:
+    console.print(memory_header(report["memory_kind"]))
+    for title, header, rows in tables(report):
+        table = Table(title=title)
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+
+
+# --- the run ----------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    import peft
+
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "peft": peft.__version__,
+            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"}
+
+
+def settings(bench: Bench) -> Iterator[tuple[Setting, Task, TaskRows]]:
+    """Each task's real-length batches, then the fixed lengths (random ids, the first task's labels)."""
+    cfg = bench.cfg
+    count = cfg.warmup_steps + cfg.steps
+    budget = cfg.max_length - bench.longest_prompt  # every variant sees the same (truncated) inputs
+    first: tuple[list[Batch], Task, TaskRows] | None = None
+    for task in cfg.tasks:
+        rows = task_rows(cfg, task, bench.tokenizer, bench.estimate, budget, bench.vocab_high)
+        batches = real_batches(rows, bench.batch_size, count, cfg.seed)
+        first = first or (batches, rows.task, rows)
+        yield Setting(f"{task} ({cfg.source} lengths)", "real",
+                      [to_device(b, bench.device) for b in batches]), rows.task, rows
+    if first is None and cfg.fixed_lengths:
+        raise ValueError("benchmark.fixed_lengths takes its labels from the first of benchmark.tasks: give one")
+    for length in cfg.fixed_lengths:
+        batches = fixed_batches(first[0], length, bench.vocab_high, bench.tokenizer.eos_token_id, cfg.seed)
+        yield Setting(f"fixed {length}", "fixed", [to_device(b, bench.device) for b in batches]), first[1], first[2]
+
+
+def run_benchmark(cfg: DictConfig, output_dir: str | Path, command: str = "python -m smop.benchmark") -> dict[str, Any]:
+    """Measure every variant on every setting, write benchmark.md and benchmark.json, return the report."""
+    bench = Bench(cfg.benchmark)
+    console = Console(width=max(Console().width, 150))  # wide tables stay readable in logs and pipes
+    report: dict[str, Any] = {
+        "model": cfg.benchmark.model, "device": str(bench.device), "precision": cfg.benchmark.precision,
+        "batch_size": bench.batch_size, "warmup_steps": cfg.benchmark.warmup_steps, "steps": cfg.benchmark.steps,
+        "rounds": cfg.benchmark.rounds,
+        "memory_kind": bench.memory_kind, "command": command, "machine": machine(), "versions": versions(),
+        "settings": [], "pipeline": None, "config": OmegaConf.to_container(cfg.benchmark, resolve=True),
+    }
+    rows_by_task: dict[str, TaskRows] = {}
+    for setting, task, rows in settings(bench):
+        rows_by_task[task.name] = rows
+        variants: dict[str, dict[str, Any]] = {name: {} for name in bench.specs}
+        for round_index in range(cfg.benchmark.rounds):  # rounds > 1 interleave variants against drift
+            for name in bench.specs:
+                console.log(f"{setting.name}: {name} (round {round_index + 1}/{cfg.benchmark.rounds})")
+                result = bench.measure(name, setting, task)
+                if variants[name]:
+                    result["step_times_s"] = variants[name]["step_times_s"] + result["step_times_s"]
+                    result["step_time_s_median"] = statistics.median(result["step_times_s"])
+                    result["examples_per_s"] = bench.batch_size / result["step_time_s_median"]
+                    mem = [m for m in (variants[name]["peak_memory_bytes"], result["peak_memory_bytes"]) if m]
+                    result["peak_memory_bytes"] = max(mem) if mem else None
+                variants[name] = result
+        lengths = rows.lengths if setting.kind == "real" else "random ids"
+        report["settings"].append({"name": setting.name, "kind": setting.kind, "lengths": lengths,
+                                   "shape": setting.describe(),
+                                   "variants": variants, "ratios": compare(variants, cfg.benchmark.compare)})
+    pipe = cfg.benchmark.pipeline
+    if pipe.enabled:
+        if pipe.variant not in bench.specs:
+            raise ValueError(f"benchmark.pipeline.variant={pipe.variant} is not among the variants run")
+        rows = rows_by_task.get(pipe.task) or task_rows(cfg.benchmark, pipe.task, bench.tokenizer, bench.estimate,
+                                                        cfg.benchmark.max_length - bench.longest_prompt,
+                                                        bench.vocab_high)
+        console.log(f"data pipeline: {pipe.variant} on {pipe.task}")
+        report["pipeline"] = pipeline_comparison(bench, rows)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))
+    (output / "benchmark.md").write_text(markdown(report))
+    print_tables(report, console)
+    console.print(f"Wrote {output / 'benchmark.md'} and {output / 'benchmark.json'}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="benchmark")
+def main(cfg: DictConfig) -> None:
+    """`python -m smop.benchmark benchmark.model=t5-base benchmark.precision=bf16`."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for expected in (".*module\\(s\\) in eval mode.*", ".*no `val_dataloader`.*", ".*is_gradient_checkpointing.*",
+                     ".*LeafSpec.*", ".*does not have many workers.*"):
+        warnings.filterwarnings("ignore", message=expected)  # expected here: frozen backbone, no validation
+    overrides = " ".join(HydraConfig.get().overrides.task)
+    run_benchmark(cfg, HydraConfig.get().runtime.output_dir, f"python -m smop.benchmark {overrides}".strip())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""The paper's grids as lists of jobs, each grid launched as one Hydra multirun of train.py, resumable.
+
+A grid is a list of jobs (a method configuration x a dataset x a seed), not always a Cartesian product
+(table 2 pairs prompt lengths with prompt tuning and K x L shapes with SMoP). Each job is written as a
+config file `<sweep_dir>/_jobs/sweep_job/<name>.yaml` (the job's overrides, as an experiment file holds
+them) and one multirun sweeps over them: `python train.py -m hydra.searchpath=[file://<sweep_dir>/_jobs]
++sweep_job=a,b,c hydra.sweep.dir=<sweep_dir> hydra.sweep.subdir=<job name> <your overrides>`. So any
+subset of jobs (what is left to do when resuming) is one launcher call, with any Hydra launcher
+(basic, joblib, submitit), and every job's output folder is named after the job.
+
+Precedence, low to high: train.yaml and its defaults (experiment included) < the grid's fixed overrides
+< the job's own overrides < the overrides given on the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs"
+TRAIN = ROOT / "train.py"
+RESULTS_FILE = "results.json"  # smop.results.RESULTS_FILE, not imported: `--list` should not import torch
+MANIFEST = "sweep.json"
+JOB_GROUP = "sweep_job"
+JOBS_DIR = "_jobs"  # folders starting with "_" hold the sweep's own files; summaries skip them
+ATTEMPTS_DIR = "_attempts"
+LOGS_DIR = "_logs"
+TASKS = ("boolq", "cb", "copa", "multirc", "rte", "wic")
+ROUTERS = ("top1_perturbed", "top1", "top2", "gumbel", "stochastic", "single")
+# Keys sweep.py sets itself: giving them would send jobs to folders where resume cannot find them.
+RESERVED = ("hydra.sweep.dir", "hydra.sweep.subdir", "hydra.searchpath", "hydra.mode", JOB_GROUP)
+# Launcher and sweeper configs come from plugin packages: name the one to install when it is missing.
+PLUGINS = {"joblib": "hydra-joblib-launcher", "submitit": "hydra-submitit-launcher", "ray": "hydra-ray-launcher",
+           "rq": "hydra-rq-launcher", "optuna": "hydra-optuna-sweeper", "ax": "hydra-ax-sweeper",
+           "nevergrad": "hydra-nevergrad-sweeper"}
+
+
+class SweepError(Exception):
+    """A problem with the command line or the sweep folder, reported before any job runs."""
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str  # the job's output folder under the sweep directory
+    overrides: tuple[str, ...]  # exactly what `python train.py` would take to run this job alone
+
+    def command(self, extra: Sequence[str] = ()) -> str:
+        return " ".join(["python train.py", *self.overrides, *extra])
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Method configurations x datasets x seeds, with overrides shared by every job."""
+
+    name: str
+    doc: str
+    configs: tuple[tuple[str, tuple[str, ...]], ...]  # (label used in job names, overrides)
+    datasets: tuple[str, ...] = TASKS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    fixed: tuple[str, ...] = ()  # shared overrides; the command line may override them
+    summarise: bool = True  # print the summary table when the launch ends
+
+    def jobs(self, seeds: Iterable[int] | None = None, datasets: Iterable[str] | None = None) -> list[Job]:
+        """Configurations outermost, seeds innermost: a sequential launcher finishes one config at a time."""
+        seeds, datasets = tuple(self.seeds if seeds is None else seeds), tuple(datasets or self.datasets)
+        return [Job(f"{label}-{dataset}-s{seed}", (*self.fixed, *overrides, f"dataset={dataset}", f"seed={seed}"))
+                for label, overrides in self.configs for dataset in datasets for seed in seeds]
+
+    def job_keys(self) -> set[str]:
+        """Keys that differ between jobs: the command line may not set them (use --seeds / --datasets)."""
+        return {override_key(o) for _, overrides in self.configs for o in overrides} | {"dataset", "seed"}
+
+
+def _pt(length: int) -> tuple[str, tuple[str, ...]]:
+    return f"pt{length}", ("method=prompt_tuning", f"method.prompt_length={length}")
+
+
+def _smop(k: int, length: int, router: str | None = None) -> tuple[str, tuple[str, ...]]:
+    shape = ("method=smop", f"method.num_prompts={k}", f"method.prompt_length={length}")
+    return f"smop{k}x{length}", shape + ((f"router={router}",) if router else ())
+
+
+# The synthetic task learns with AdamW at lr 0.1 (as experiment/demo_synthetic.yaml); the paper's Adafactor
+# recipe is tuned for T5-base on SuperGLUE.
+SYNTHETIC_RECIPE = ("optimizer=adamw", "method.lr=0.1")
+
+GRIDS: dict[str, Grid] = {grid.name: grid for grid in (
+    Grid("table1", "Main results: PT (100 tokens), P-tuning (100), SMoP 4x5, full fine-tuning on six SuperGLUE tasks.",
+         (_pt(100), ("ptuning100", ("method=p_tuning", "method.prompt_length=100")), _smop(4, 5),
+          ("full", ("method=full",)))),
+    Grid("table2", "Prompt length and number of prompts: PT with 5/20/50/100 tokens; SMoP K x L, K in 2/4/10/20,"
+                   " L in 1/3/5/10.",
+         tuple(_pt(length) for length in (5, 20, 50, 100))
+         + tuple(_smop(k, length) for k in (2, 4, 10, 20) for length in (1, 3, 5, 10))),
+    Grid("table3", "Routing: SMoP 4x5 with each router (single: one 5-token prompt through SMoP's code path).",
+         # router=single sets method.num_prompts=1 through interpolation, so the shape is not overridden here
+         tuple((f"smop-{router}", ("method=smop", f"router={router}")) for router in ROUTERS),
+         datasets=("boolq", "cb", "rte")),
+    Grid("demo", "Routing on CPU: PT 5 and 20 tokens vs SMoP 2x5 and 4x5 on the synthetic mixture, tiny T5.",
+         (_pt(5), _pt(20), _smop(2, 5), _smop(4, 5)), datasets=("synthetic_mixture",),
+         fixed=(*SYNTHETIC_RECIPE, "trainer.max_epochs=8")),
+    Grid("smoke", "Pipeline check of a launcher in about a minute: PT 5 and SMoP 2x5, one tiny epoch, one seed.",
+         (_pt(5), _smop(2, 5)), datasets=("synthetic_mixture",), seeds=(0,),
+         fixed=(*SYNTHETIC_RECIPE, "trainer.max_epochs=1", "dataset.synthetic.num_train=64",
+                "dataset.synthetic.num_test=32"), summarise=False),
+)}
+
+
+# --- overrides ----------------------------------------------------------------------------------------
+_PARSER = OverridesParser.create()
+
+
+def parse(overrides: Sequence[str]) -> list[Override]:
+    try:
+        return _PARSER.parse_overrides(list(overrides))
+    except Exception as err:  # hydra's OverrideParseException: say which override
+        raise SweepError(f"cannot parse overrides {list(overrides)}: {err}") from err
+
+
+def override_key(override: str) -> str:
+    """`+method.lr=1` -> `method.lr`; `hydra/launcher=joblib` -> `hydra/launcher`."""
+    return parse([override])[0].key_or_group
+
+
+def check_extra(grid: Grid, extra: Sequence[str]) -> None:
+    """Overrides from the command line go to every job: no sweeps, no keys the grid varies or sweep.py sets."""
+    job_keys = grid.job_keys()
+    for override in parse(extra):
+        key = override.key_or_group
+        if override.is_sweep_override():
+            raise SweepError(f"{override.input_line}: give one value per override; a grid's jobs are fixed "
+                             "(run the grid again with another --sweep-dir for another value)")
+        if key in RESERVED or key.startswith("hydra.sweeper"):
+            raise SweepError(f"{override.input_line}: sweep.py sets {key} itself (use --sweep-dir)")
+        if key in job_keys:
+            hint = {"seed": "--seeds", "dataset": "--datasets"}.get(key, "another grid")
+            raise SweepError(f"{override.input_line}: grid {grid.name} sets {key} per job (use {hint})")
+
+
+def is_hydra(override: str) -> bool:
+    return override_key(override).startswith(("hydra.", "hydra/"))
+
+
+def job_yaml(job: Job, grid: str) -> str:
+    """The job's overrides as a `# @package _global_` config: groups through `override`, values as YAML."""
+    groups, values = [], OmegaConf.create()
+    for override in parse(job.overrides):
+        key, value = override.key_or_group, override.value()
+        if override.is_sweep_override() or override.is_delete() or override.is_add():
+            raise SweepError(f"job {job.name}: only plain `key=value` overrides fit a job file: {override.input_line}")
+        if (CONFIG_DIR / key).is_dir():
+            groups.append(f"  - override /{key}: {value}")
+        else:
+            OmegaConf.update(values, key, value, force_add=True)
+    body = OmegaConf.to_yaml(values) if values else ""
+    defaults = "defaults:\n" + "\n".join(groups) + "\n" if groups else ""
+    return f"# @package _global_\n# {grid} job {job.name}, the same as:\n# {job.command()}\n{defaults}{body}"
+
+
+# --- job states in a sweep folder ---------------------------------------------------------------------
+def read_results(job_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((job_dir / RESULTS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_completed(job_dir: Path) -> bool:
+    return (read_results(job_dir) or {}).get("status") == "completed"
+
+
+def job_status(sweep_dir: Path, name: str, manifest: dict[str, Any]) -> str:
+    results = read_results(sweep_dir / name)
+    if results is not None:
+        return str(results.get("status"))
+    return manifest.get("jobs", {}).get(name, {}).get("status", "pending")
+
+
+def failure_reason(job_dir: Path) -> str:
+    results = read_results(job_dir)
+    if results is not None:
+        return str(results.get("error") or f"status {results.get('status')}")
+    if job_dir.is_dir():
+        return f"no {RESULTS_FILE}: stopped before training started (see {job_dir / 'train.log'} and the launch log)"
+    return "not started: the multirun stopped before this job (see the launch log)"
+
+
+def load_manifest(sweep_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((sweep_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_manifest(sweep_dir: Path, manifest: dict[str, Any]) -> None:
+    (sweep_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+# --- checks before launching --------------------------------------------------------------------------
+def check_launcher(extra: Sequence[str]) -> None:
+    """A launcher config that is not found almost always means its plugin package is not installed."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    hydra_overrides = [o for o in extra if is_hydra(o)]
+    if not hydra_overrides:
+        return
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        try:
+            compose("train.yaml", overrides=hydra_overrides, return_hydra_config=True)
+        except MissingConfigException as err:
+            plugins = {pkg for name, pkg in PLUGINS.items() if any(name in o for o in hydra_overrides)}
+            hint = f" Install it: pip install {' '.join(sorted(plugins))}" if plugins else ""
+            raise SweepError(f"{err}\n{' '.join(hydra_overrides)} needs a Hydra plugin that is not installed.{hint}") from err
+
+
+def check_jobs(jobs: Sequence[Job], jobs_dir: Path, extra: Sequence[str]) -> dict[str, str]:
+    """Compose each job as the multirun will, and run train.py's config checks; returns {name: error}.
+
+    A job whose config does not compose would stop a Hydra multirun in the middle (composition happens in
+    the launcher, outside the job), so such jobs are recorded as failed and left out of the launch.
+    """
+    from hydra import compose, initialize_config_dir
+
+    from smop.checks import check_config  # imports torch: only when launching
+
+    errors: dict[str, str] = {}
+    overrides = [f"hydra.searchpath=[{quote('file://' + str(jobs_dir))}]", *(o for o in extra if not is_hydra(o))]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        for job in jobs:
+            try:
+                cfg = compose("train.yaml", overrides=[*overrides, f"+{JOB_GROUP}={job.name}"], return_hydra_config=True)
+                check_config(cfg, cfg.hydra.runtime.choices.get("router"))
+            except Exception as err:  # any reason is this job's failure, not the sweep's
+                errors[job.name] = f"{type(err).__name__}: {err}".strip()
+    return errors
+
+
+def quote(value: str) -> str:
+    """A Hydra override value that may hold any path."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# --- launching ----------------------------------------------------------------------------------------
+@dataclass
+class LaunchReport:
+    completed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    returncode: int | None = None
+
+
+def multirun_command(jobs: Sequence[Job], sweep_dir: Path, extra: Sequence[str]) -> list[str]:
+    return [sys.executable, str(TRAIN), "--multirun",
+            f"hydra.searchpath=[{quote('file://' + str(sweep_dir / JOBS_DIR))}]",
+            f"+{JOB_GROUP}={','.join(job.name for job in jobs)}",
+            f"hydra.sweep.dir={quote(str(sweep_dir))}",
+            f"hydra.sweep.subdir=${{hydra.runtime.choices.{JOB_GROUP}}}",
+            *extra]
+
+
+def run_logged(command: Sequence[str], log_path: Path) -> int:
+    """Run, echoing the output and keeping it in `log_path`: the first failing job's traceback is there."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                     text=True, bufsize=1) as process:
+        log.write(" ".join(command) + "\n")
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        return process.wait()
+
+
+def launch(grid: Grid, jobs: Sequence[Job], sweep_dir: Path, extra: Sequence[str] = ()) -> LaunchReport:
+    """Run the jobs that have no completed results.json yet as one multirun; record what failed and why."""
+    sweep_dir = sweep_dir.resolve()
+    check_extra(grid, extra)
+    check_launcher(extra)
+    manifest = load_manifest(sweep_dir)
+    same_run = sorted(o for o in extra if not is_hydra(o))  # launchers may change between resumes
+    if manifest and (manifest.get("grid") != grid.name or sorted(manifest.get("overrides", [])) != same_run):
+        raise SweepError(f"{sweep_dir} holds grid {manifest.get('grid')} run with overrides "
+                         f"{manifest.get('overrides')}; now grid {grid.name} with {same_run}. Resume with the same "
+                         f"ones, choose another --sweep-dir, or delete {sweep_dir / MANIFEST} to mix them.")
+    manifest = {"grid": grid.name, "overrides": same_run, "jobs": manifest.get("jobs", {}),
+                "launches": manifest.get("launches", [])}
+    jobs_dir = sweep_dir / JOBS_DIR
+    (jobs_dir / JOB_GROUP).mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        (jobs_dir / JOB_GROUP / f"{job.name}.yaml").write_text(job_yaml(job, grid.name))
+        manifest["jobs"].setdefault(job.name, {})["overrides"] = list(job.overrides)
+
+    report = LaunchReport()
+    pending = []
+    for job in jobs:
+        if is_completed(sweep_dir / job.name):
+            report.skipped.append(job.name)
+            manifest["jobs"][job.name].update(status="completed", error=None)
+        else:
+            pending.append(job)
+    print(f"{grid.name}: {len(jobs)} jobs in {sweep_dir}; {len(report.skipped)} completed before (skipped), "
+          f"checking {len(pending)}", flush=True)
+    invalid = check_jobs(pending, jobs_dir, extra) if pending else {}
+    for name, error in invalid.items():
+        print(f"  not launched: {name}: {error.splitlines()[0]}", flush=True)
+    to_run = [job for job in pending if job.name not in invalid]
+    for job in to_run:  # keep an earlier failed attempt's files, out of the way of the new one
+        if (sweep_dir / job.name).exists():
+            attempt = sweep_dir / ATTEMPTS_DIR / f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            attempt.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(sweep_dir / job.name), str(attempt))
+    try:
+        if to_run:
+            command = multirun_command(to_run, sweep_dir, extra)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            manifest["launches"].append({"time": stamp, "jobs": len(to_run), "command": command})
+            save_manifest(sweep_dir, manifest)
+            report.returncode = run_logged(command, sweep_dir / LOGS_DIR / f"launch-{stamp}.log")
+            manifest["launches"][-1]["returncode"] = report.returncode
+    finally:  # also when interrupted: record what finished
+        for job in pending:
+            entry = manifest["jobs"][job.name]
+            if job.name in invalid:
+                entry.update(status="failed", error=invalid[job.name])
+            elif is_completed(sweep_dir / job.name):
+                entry.update(status="completed", error=None)
+                report.completed.append(job.name)
+            else:
+                entry.update(status="failed", error=failure_reason(sweep_dir / job.name))
+            if entry["status"] == "failed":
+                report.failed[job.name] = entry["error"]
+        save_manifest(sweep_dir, manifest)
+    return report
+
+
+def select(jobs: Sequence[Job], patterns: Sequence[str] | None) -> list[Job]:
+    """Jobs whose name matches any of the glob patterns (all when none are given)."""
+    return [job for job in jobs if not patterns or any(fnmatch(job.name, p) for p in patterns)]
+
+
+def default_sweep_dir(grid: str) -> Path:
+    return Path("outputs/sweeps") / grid
