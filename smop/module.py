@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
+from smop.adapters import add_lora
 from smop.backbones import freeze
 from smop.data.tasks import Task
 from smop.metrics import RoutingCounts, TaskMetrics, to_label_index
@@ -47,11 +48,16 @@ class PromptTuningSystem(L.LightningModule):
         warmup_ratio: float = 0.06,
         max_new_tokens: int = 10,
         train_backbone: bool = False,
+        lora: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(config or {})  # the plain resolved config: loads with weights_only=True
         self.backbone = backbone if train_backbone else freeze(backbone)
+        lora = dict(lora or {})
+        self.adapter_lr = lora.pop("lr", None)
+        if lora:  # LoRA + X: trainable adapters inside the frozen backbone
+            add_lora(self.backbone, **lora)
         self.prompt = prompt
         self.tokenizer, self.task = tokenizer, task
         self.optimizer_factory, self.warmup_ratio = optimizer, warmup_ratio
@@ -70,6 +76,9 @@ class PromptTuningSystem(L.LightningModule):
         super().train(mode)
         if not self.train_backbone:
             self.backbone.eval()
+            for name, module in self.backbone.named_modules():
+                if "lora_dropout" in name:  # adapters train inside the frozen backbone: their dropout is live
+                    module.train(mode)
         return self
 
     def encoder_inputs(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, PromptOutput | None]:
@@ -78,6 +87,8 @@ class PromptTuningSystem(L.LightningModule):
         if self.prompt is None:
             return embeds, attention_mask, None
         out = self.prompt(embeds, attention_mask)
+        if out.input_embeds is not None:
+            embeds = out.input_embeds
         ones = attention_mask.new_ones(attention_mask.shape[0], out.prompt.shape[1])
         return torch.cat([out.prompt, embeds], dim=1), torch.cat([ones, attention_mask], dim=1), out
 
@@ -149,8 +160,15 @@ class PromptTuningSystem(L.LightningModule):
         self._log_epoch("test")
 
     # --- optimisation ------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The prompt module's groups, then the backbone's trainable weights (full fine-tuning, LoRA)."""
+        groups = self.prompt.param_groups() if self.prompt is not None else []
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        groups.append({"params": backbone, **({"lr": self.adapter_lr} if self.adapter_lr else {})})
+        return [group for group in groups if group["params"]]
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        optimizer = self.optimizer_factory(self.param_groups())
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(self.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -44,6 +44,8 @@ def build_prompt(cfg: DictConfig, backbone: torch.nn.Module, tokenizer: Any) -> 
     if cfg.method.get("module") is None:
         return None
     extra = {"router": instantiate(cfg.router)} if method_routes(cfg) else {}
+    if getattr(get_class(cfg.method.module._target_), "needs_backbone", False):
+        extra["backbone"] = backbone
     return instantiate(cfg.method.module, embedding=backbone.get_input_embeddings(), tokenizer=tokenizer, **extra)
 
 
@@ -59,6 +61,7 @@ def build_system(cfg: DictConfig, datamodule: SuperGLUEDataModule, tokenizer: An
         warmup_ratio=cfg.warmup_ratio,
         max_new_tokens=datamodule.max_target_length,
         train_backbone=cfg.method.train_backbone,
+        lora=OmegaConf.to_container(cfg.method.lora) if cfg.method.get("lora") else None,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
 

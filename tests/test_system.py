@@ -32,6 +32,23 @@ def test_training_step_leaves_backbone_bit_for_bit_and_moves_the_prompt(make_cfg
     assert not system.backbone.training  # frozen backbone stays in eval mode (no dropout) while training
 
 
+@pytest.mark.parametrize("method", ["lora_smop", "lora_prompt_tuning", "lora_p_tuning"])
+def test_lora_adapters_and_prompt_train_base_weights_do_not(make_cfg, method):
+    system, batch = build(make_cfg(f"method={method}", "method.prompt_length=5", *SYNTHETIC))
+    trainable = {k for k, p in system.backbone.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in k for k in trainable)
+    before = {k: v.clone() for k, v in system.named_parameters()}
+    one_step(system, batch)
+    after = dict(system.named_parameters())
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {f"backbone.{k}" for k in trainable if "lora_B" in k} <= changed  # B starts at 0 and moves first
+    assert any(k.startswith("prompt.") for k in changed)
+    assert all("lora_" in k or k.startswith("prompt.") for k in changed)  # no base weight moved
+    prompt_group, adapter_group = system.param_groups()  # two learning rates: method.lr and method.lora.lr
+    assert "lr" not in prompt_group and adapter_group["lr"] == 1e-3
+    assert {id(p) for p in adapter_group["params"]} == {id(p) for p in system.backbone.parameters() if p.requires_grad}
+
+
 def test_full_fine_tuning_trains_every_weight(make_cfg):
     system, batch = build(make_cfg("method=full", *SYNTHETIC))
     before = {k: v.clone() for k, v in system.backbone.named_parameters()}

@@ -20,13 +20,19 @@ class PromptOutput:
     prompt: Tensor  # [B, L, d], prepended to the encoder input embeddings
     aux_loss: Tensor | None = None  # added to the task loss (e.g. load balancing)
     routes: Tensor | None = None  # [B, k] indices of the prompts each instance used (routed methods only)
+    input_embeds: Tensor | None = None  # [B, n, d] replaces the input embeddings when set (e.g. DePT's update)
 
 
 class PromptModule(nn.Module, ABC):
     """A trainable module that maps the frozen input embeddings of a batch to soft prompts."""
 
     routes: bool = False  # whether the method routes instances (only then is a `router` config allowed)
+    needs_backbone: bool = False  # the constructor takes `backbone=` (e.g. to encode the input with it)
     consistency_weight: float = 0.0  # > 0: the system adds a two-pass consistency loss in training
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups; a group without "lr" uses the optimizer's (method.lr)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     @property
     @abstractmethod
