@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import lightning as L
@@ -20,6 +21,8 @@ from smop.prompts.base import PromptModule
 from smop.results import print_summary, versions, write_results
 
 log = logging.getLogger(__name__)
+# The frozen backbone is in eval mode on purpose (no dropout in weights that do not train).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 
 def choice(group: str) -> str | None:
