@@ -14,7 +14,9 @@ Precedence, low to high: train.yaml and its defaults (experiment included) < the
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,9 +45,15 @@ ROUTERS = ("top1_perturbed", "top1", "top2", "gumbel", "stochastic", "single")
 # Keys sweep.py sets itself: giving them would send jobs to folders where resume cannot find them.
 RESERVED = ("hydra.sweep.dir", "hydra.sweep.subdir", "hydra.searchpath", "hydra.mode", JOB_GROUP)
 # Launcher and sweeper configs come from plugin packages: name the one to install when it is missing.
-PLUGINS = {"joblib": "hydra-joblib-launcher", "submitit": "hydra-submitit-launcher", "ray": "hydra-ray-launcher",
-           "rq": "hydra-rq-launcher", "optuna": "hydra-optuna-sweeper", "ax": "hydra-ax-sweeper",
-           "nevergrad": "hydra-nevergrad-sweeper"}
+PLUGINS = {
+    "joblib": "hydra-joblib-launcher",
+    "submitit": "hydra-submitit-launcher",
+    "ray": "hydra-ray-launcher",
+    "rq": "hydra-rq-launcher",
+    "optuna": "hydra-optuna-sweeper",
+    "ax": "hydra-ax-sweeper",
+    "nevergrad": "hydra-nevergrad-sweeper",
+}
 
 
 class SweepError(Exception):
@@ -72,12 +80,17 @@ class Grid:
     seeds: tuple[int, ...] = (0, 1, 2)
     fixed: tuple[str, ...] = ()  # shared overrides; the command line may override them
     summarise: bool = True  # print the summary table when the launch ends
+    env: tuple[tuple[str, str], ...] = ()  # environment defaults for the jobs; the caller's environment wins
 
     def jobs(self, seeds: Iterable[int] | None = None, datasets: Iterable[str] | None = None) -> list[Job]:
         """Configurations outermost, seeds innermost: a sequential launcher finishes one config at a time."""
         seeds, datasets = tuple(self.seeds if seeds is None else seeds), tuple(datasets or self.datasets)
-        return [Job(f"{label}-{dataset}-s{seed}", (*self.fixed, *overrides, f"dataset={dataset}", f"seed={seed}"))
-                for label, overrides in self.configs for dataset in datasets for seed in seeds]
+        return [
+            Job(f"{label}-{dataset}-s{seed}", (*self.fixed, *overrides, f"dataset={dataset}", f"seed={seed}"))
+            for label, overrides in self.configs
+            for dataset in datasets
+            for seed in seeds
+        ]
 
     def job_keys(self) -> set[str]:
         """Keys that differ between jobs: the command line may not set them (use --seeds / --datasets)."""
@@ -88,35 +101,69 @@ def _pt(length: int) -> tuple[str, tuple[str, ...]]:
     return f"pt{length}", ("method=prompt_tuning", f"method.prompt_length={length}")
 
 
-def _smop(k: int, length: int, router: str | None = None) -> tuple[str, tuple[str, ...]]:
-    shape = ("method=smop", f"method.num_prompts={k}", f"method.prompt_length={length}")
-    return f"smop{k}x{length}", shape + ((f"router={router}",) if router else ())
+def _smop(k: int, length: int) -> tuple[str, tuple[str, ...]]:
+    return f"smop{k}x{length}", ("method=smop", f"method.num_prompts={k}", f"method.prompt_length={length}")
 
 
 # The synthetic task learns with AdamW at lr 0.1 (as experiment/demo_synthetic.yaml); the paper's Adafactor
 # recipe is tuned for T5-base on SuperGLUE.
 SYNTHETIC_RECIPE = ("optimizer=adamw", "method.lr=0.1")
+# The tiny T5 gains nothing from several intra-op threads, and on a busy 2-core machine spinning OpenMP
+# threads made steps 10-20x slower; one thread per job keeps the CPU grids at a few minutes.
+ONE_THREAD = (("OMP_NUM_THREADS", "1"),)
 
-GRIDS: dict[str, Grid] = {grid.name: grid for grid in (
-    Grid("table1", "Main results: PT (100 tokens), P-tuning (100), SMoP 4x5, full fine-tuning on six SuperGLUE tasks.",
-         (_pt(100), ("ptuning100", ("method=p_tuning", "method.prompt_length=100")), _smop(4, 5),
-          ("full", ("method=full",)))),
-    Grid("table2", "Prompt length and number of prompts: PT with 5/20/50/100 tokens; SMoP K x L, K in 2/4/10/20,"
-                   " L in 1/3/5/10.",
-         tuple(_pt(length) for length in (5, 20, 50, 100))
-         + tuple(_smop(k, length) for k in (2, 4, 10, 20) for length in (1, 3, 5, 10))),
-    Grid("table3", "Routing: SMoP 4x5 with each router (single: one 5-token prompt through SMoP's code path).",
-         # router=single sets method.num_prompts=1 through interpolation, so the shape is not overridden here
-         tuple((f"smop-{router}", ("method=smop", f"router={router}")) for router in ROUTERS),
-         datasets=("boolq", "cb", "rte")),
-    Grid("demo", "Routing on CPU: PT 5 and 20 tokens vs SMoP 2x5 and 4x5 on the synthetic mixture, tiny T5.",
-         (_pt(5), _pt(20), _smop(2, 5), _smop(4, 5)), datasets=("synthetic_mixture",),
-         fixed=(*SYNTHETIC_RECIPE, "trainer.max_epochs=8")),
-    Grid("smoke", "Pipeline check of a launcher in about a minute: PT 5 and SMoP 2x5, one tiny epoch, one seed.",
-         (_pt(5), _smop(2, 5)), datasets=("synthetic_mixture",), seeds=(0,),
-         fixed=(*SYNTHETIC_RECIPE, "trainer.max_epochs=1", "dataset.synthetic.num_train=64",
-                "dataset.synthetic.num_test=32"), summarise=False),
-)}
+GRIDS: dict[str, Grid] = {
+    grid.name: grid
+    for grid in (
+        Grid(
+            "table1",
+            "Main results: PT (100 tokens), P-tuning (100), SMoP 4x5, full fine-tuning on six SuperGLUE tasks.",
+            (
+                _pt(100),
+                ("ptuning100", ("method=p_tuning", "method.prompt_length=100")),
+                _smop(4, 5),
+                ("full", ("method=full",)),
+            ),
+        ),
+        Grid(
+            "table2",
+            "Prompt length and number of prompts: PT with 5/20/50/100 tokens; SMoP K x L, K in 2/4/10/20,"
+            " L in 1/3/5/10.",
+            tuple(_pt(length) for length in (5, 20, 50, 100))
+            + tuple(_smop(k, length) for k in (2, 4, 10, 20) for length in (1, 3, 5, 10)),
+        ),
+        Grid(
+            "table3",
+            "Routing: SMoP 4x5 with each router (single: one 5-token prompt through SMoP's code path).",
+            # router=single sets method.num_prompts=1 through interpolation, so the shape is not overridden here
+            tuple((f"smop-{router}", ("method=smop", f"router={router}")) for router in ROUTERS),
+            datasets=("boolq", "cb", "rte"),
+        ),
+        Grid(
+            "demo",
+            "Routing on CPU: PT 5 and 20 tokens vs SMoP 2x5 and 4x5 on the synthetic mixture, tiny T5.",
+            (_pt(5), _pt(20), _smop(2, 5), _smop(4, 5)),
+            datasets=("synthetic_mixture",),
+            fixed=(*SYNTHETIC_RECIPE, "trainer.max_epochs=8"),
+            env=ONE_THREAD,
+        ),
+        Grid(
+            "smoke",
+            "Pipeline check of a launcher in about a minute: PT 5 and SMoP 2x5, one tiny epoch, one seed.",
+            (_pt(5), _smop(2, 5)),
+            datasets=("synthetic_mixture",),
+            seeds=(0,),
+            fixed=(
+                *SYNTHETIC_RECIPE,
+                "trainer.max_epochs=1",
+                "dataset.synthetic.num_train=64",
+                "dataset.synthetic.num_test=32",
+            ),
+            summarise=False,
+            env=ONE_THREAD,
+        ),
+    )
+}
 
 
 # --- overrides ----------------------------------------------------------------------------------------
@@ -141,8 +188,10 @@ def check_extra(grid: Grid, extra: Sequence[str]) -> None:
     for override in parse(extra):
         key = override.key_or_group
         if override.is_sweep_override():
-            raise SweepError(f"{override.input_line}: give one value per override; a grid's jobs are fixed "
-                             "(run the grid again with another --sweep-dir for another value)")
+            raise SweepError(
+                f"{override.input_line}: give one value per override; a grid's jobs are fixed "
+                "(run the grid again with another --sweep-dir for another value)"
+            )
         if key in RESERVED or key.startswith("hydra.sweeper"):
             raise SweepError(f"{override.input_line}: sweep.py sets {key} itself (use --sweep-dir)")
         if key in job_keys:
@@ -161,7 +210,7 @@ def job_yaml(job: Job, grid: str) -> str:
         key, value = override.key_or_group, override.value()
         if override.is_sweep_override() or override.is_delete() or override.is_add():
             raise SweepError(f"job {job.name}: only plain `key=value` overrides fit a job file: {override.input_line}")
-        if (CONFIG_DIR / key).is_dir():
+        if is_group(override):
             groups.append(f"  - override /{key}: {value}")
         else:
             OmegaConf.update(values, key, value, force_add=True)
@@ -224,7 +273,14 @@ def check_launcher(extra: Sequence[str]) -> None:
         except MissingConfigException as err:
             plugins = {pkg for name, pkg in PLUGINS.items() if any(name in o for o in hydra_overrides)}
             hint = f" Install it: pip install {' '.join(sorted(plugins))}" if plugins else ""
-            raise SweepError(f"{err}\n{' '.join(hydra_overrides)} needs a Hydra plugin that is not installed.{hint}") from err
+            raise SweepError(
+                f"{' '.join(hydra_overrides)} needs a Hydra plugin that is not installed.{hint}\n(Hydra: {err})"
+            ) from err
+
+
+def is_group(override: Override) -> bool:
+    """`method=smop` chooses a config file; `method.prompt_length=5` sets a value."""
+    return (CONFIG_DIR / override.key_or_group).is_dir()
 
 
 def check_jobs(jobs: Sequence[Job], jobs_dir: Path, extra: Sequence[str]) -> dict[str, str]:
@@ -232,17 +288,30 @@ def check_jobs(jobs: Sequence[Job], jobs_dir: Path, extra: Sequence[str]) -> dic
 
     A job whose config does not compose would stop a Hydra multirun in the middle (composition happens in
     the launcher, outside the job), so such jobs are recorded as failed and left out of the launch.
+    Composing takes a fraction of a second, so jobs that differ only in values (seeds, lengths) are
+    composed once and the values set on a copy: the config tree has no typed schemas that a value could fail.
     """
     from hydra import compose, initialize_config_dir
 
     from smop.checks import check_config  # imports torch: only when launching
 
     errors: dict[str, str] = {}
+    composed: dict[tuple[str, ...], Any] = {}
     overrides = [f"hydra.searchpath=[{quote('file://' + str(jobs_dir))}]", *(o for o in extra if not is_hydra(o))]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         for job in jobs:
+            parsed = parse(job.overrides)
+            kind = tuple(o.input_line if is_group(o) else o.key_or_group for o in parsed)
             try:
-                cfg = compose("train.yaml", overrides=[*overrides, f"+{JOB_GROUP}={job.name}"], return_hydra_config=True)
+                if kind in composed:
+                    cfg = copy.deepcopy(composed[kind])
+                    for override in parsed:
+                        if not is_group(override):
+                            OmegaConf.update(cfg, override.key_or_group, override.value())
+                else:
+                    cfg = composed[kind] = compose(
+                        "train.yaml", overrides=[*overrides, f"+{JOB_GROUP}={job.name}"], return_hydra_config=True
+                    )
                 check_config(cfg, cfg.hydra.runtime.choices.get("router"))
             except Exception as err:  # any reason is this job's failure, not the sweep's
                 errors[job.name] = f"{type(err).__name__}: {err}".strip()
@@ -264,19 +333,27 @@ class LaunchReport:
 
 
 def multirun_command(jobs: Sequence[Job], sweep_dir: Path, extra: Sequence[str]) -> list[str]:
-    return [sys.executable, str(TRAIN), "--multirun",
-            f"hydra.searchpath=[{quote('file://' + str(sweep_dir / JOBS_DIR))}]",
-            f"+{JOB_GROUP}={','.join(job.name for job in jobs)}",
-            f"hydra.sweep.dir={quote(str(sweep_dir))}",
-            f"hydra.sweep.subdir=${{hydra.runtime.choices.{JOB_GROUP}}}",
-            *extra]
+    return [
+        sys.executable,
+        str(TRAIN),
+        "--multirun",
+        f"hydra.searchpath=[{quote('file://' + str(sweep_dir / JOBS_DIR))}]",
+        f"+{JOB_GROUP}={','.join(job.name for job in jobs)}",
+        f"hydra.sweep.dir={quote(str(sweep_dir))}",
+        f"hydra.sweep.subdir=${{hydra.runtime.choices.{JOB_GROUP}}}",
+        *extra,
+    ]
 
 
-def run_logged(command: Sequence[str], log_path: Path) -> int:
+def run_logged(command: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> int:
     """Run, echoing the output and keeping it in `log_path`: the first failing job's traceback is there."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                     text=True, bufsize=1) as process:
+    with (
+        log_path.open("w") as log,
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+        ) as process,
+    ):
         log.write(" ".join(command) + "\n")
         assert process.stdout is not None
         for line in process.stdout:
@@ -293,11 +370,17 @@ def launch(grid: Grid, jobs: Sequence[Job], sweep_dir: Path, extra: Sequence[str
     manifest = load_manifest(sweep_dir)
     same_run = sorted(o for o in extra if not is_hydra(o))  # launchers may change between resumes
     if manifest and (manifest.get("grid") != grid.name or sorted(manifest.get("overrides", [])) != same_run):
-        raise SweepError(f"{sweep_dir} holds grid {manifest.get('grid')} run with overrides "
-                         f"{manifest.get('overrides')}; now grid {grid.name} with {same_run}. Resume with the same "
-                         f"ones, choose another --sweep-dir, or delete {sweep_dir / MANIFEST} to mix them.")
-    manifest = {"grid": grid.name, "overrides": same_run, "jobs": manifest.get("jobs", {}),
-                "launches": manifest.get("launches", [])}
+        raise SweepError(
+            f"{sweep_dir} holds grid {manifest.get('grid')} run with overrides "
+            f"{manifest.get('overrides')}; now grid {grid.name} with {same_run}. Resume with the same "
+            f"ones, choose another --sweep-dir, or delete {sweep_dir / MANIFEST} to mix them."
+        )
+    manifest = {
+        "grid": grid.name,
+        "overrides": same_run,
+        "jobs": manifest.get("jobs", {}),
+        "launches": manifest.get("launches", []),
+    }
     jobs_dir = sweep_dir / JOBS_DIR
     (jobs_dir / JOB_GROUP).mkdir(parents=True, exist_ok=True)
     for job in jobs:
@@ -312,8 +395,11 @@ def launch(grid: Grid, jobs: Sequence[Job], sweep_dir: Path, extra: Sequence[str
             manifest["jobs"][job.name].update(status="completed", error=None)
         else:
             pending.append(job)
-    print(f"{grid.name}: {len(jobs)} jobs in {sweep_dir}; {len(report.skipped)} completed before (skipped), "
-          f"checking {len(pending)}", flush=True)
+    print(
+        f"{grid.name}: {len(jobs)} jobs in {sweep_dir}; {len(report.skipped)} completed before (skipped), "
+        f"checking {len(pending)}",
+        flush=True,
+    )
     invalid = check_jobs(pending, jobs_dir, extra) if pending else {}
     for name, error in invalid.items():
         print(f"  not launched: {name}: {error.splitlines()[0]}", flush=True)
@@ -329,7 +415,8 @@ def launch(grid: Grid, jobs: Sequence[Job], sweep_dir: Path, extra: Sequence[str
             stamp = time.strftime("%Y%m%d-%H%M%S")
             manifest["launches"].append({"time": stamp, "jobs": len(to_run), "command": command})
             save_manifest(sweep_dir, manifest)
-            report.returncode = run_logged(command, sweep_dir / LOGS_DIR / f"launch-{stamp}.log")
+            env = {**dict(grid.env), **os.environ}
+            report.returncode = run_logged(command, sweep_dir / LOGS_DIR / f"launch-{stamp}.log", env)
             manifest["launches"][-1]["returncode"] = report.returncode
     finally:  # also when interrupted: record what finished
         for job in pending:
@@ -340,8 +427,9 @@ def launch(grid: Grid, jobs: Sequence[Job], sweep_dir: Path, extra: Sequence[str
                 entry.update(status="completed", error=None)
                 report.completed.append(job.name)
             else:
-                entry.update(status="failed", error=failure_reason(sweep_dir / job.name))
-            if entry["status"] == "failed":
+                started = (sweep_dir / job.name).is_dir()
+                entry.update(status="failed" if started else "not_started", error=failure_reason(sweep_dir / job.name))
+            if entry["status"] != "completed":
                 report.failed[job.name] = entry["error"]
         save_manifest(sweep_dir, manifest)
     return report
