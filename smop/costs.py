@@ -8,12 +8,15 @@ for a training step (forward + backward), both as multiply-adds (fvcore's conven
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import re
 import resource
 import statistics
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,13 +24,32 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak: CUDA's allocator statistics, or Linux's per-process high-water mark (VmHWM).
+
+    Without the reset, jobs that share a process (a Hydra multirun with the basic launcher) would each
+    report the peak of every job before them.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif Path("/proc/self/clear_refs").exists():
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
     """CUDA's max allocated bytes since the last reset, else the process's peak resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    status = Path("/proc/self/status")
+    if status.exists():
+        match = re.search(r"VmHWM:\s+(\d+) kB", status.read_text())
+        if match:
+            return int(match.group(1)) * 1024, "cpu_peak_rss"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024, "cpu_peak_rss"
 
@@ -49,8 +71,7 @@ class TrainingCost(Callback):
         self.memory: tuple[int, str] | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        reset_peak_memory(pl_module.device)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _sync(pl_module.device)
@@ -177,12 +198,12 @@ class FlopCounter(Callback):
     def _count(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.figures or trainer.datamodule is None:
             return
-        rng = torch.get_rng_state()  # counting must not change the run's random stream (shuffle, noise)
+        rng = torch.get_rng_state()  # counting must not change the run's random stream (loader seed, noise)
+        # The first batches in file order, unshuffled: every method and seed is counted on the same inputs.
         loader = trainer.datamodule.train_dataloader()
-        batches = [
-            pl_module.transfer_batch_to_device(b, pl_module.device, 0)
-            for b in itertools.islice(loader, self.num_batches)
-        ]
+        fixed = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn, shuffle=False)
+        device = pl_module.device
+        batches = [pl_module.transfer_batch_to_device(b, device, 0) for b in itertools.islice(fixed, self.num_batches)]
         with eager_attention(pl_module):
             self.figures["inference_flops_per_example"] = statistics.mean(
                 inference_flops(pl_module, b) for b in batches

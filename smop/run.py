@@ -11,6 +11,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from smop.backbones import build_backbone, build_tokenizer
@@ -104,24 +105,14 @@ def best_checkpoint(callbacks: list[Callback]) -> tuple[str | None, int | None]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train (or only evaluate) one configuration and write its results.json."""
-    check_config(cfg, choice("router"))
-    L.seed_everything(cfg.seed, workers=True)
-    tokenizer = build_tokenizer(cfg.model.name_or_path)
-    datamodule = build_datamodule(cfg, tokenizer)
-    system = build_system(cfg, datamodule, tokenizer)
-    callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    output_dir = cfg.paths.output_dir
-    params = count_parameters(system)
-    log.info("parameters: %s trainable / %s total", f"{params['trainable']:,}", f"{params['total']:,}")
+    """Train (or only evaluate) one configuration and write its results.json, also when it fails."""
     results: dict[str, Any] = {
         "method": cfg.method.name,
         "router": choice("router") if cfg.get("router") is not None else None,
         "dataset": cfg.dataset.name,
         "model": cfg.model.name_or_path,
         "seed": cfg.seed,
-        "params": params,
+        "params": None,
         "metrics": {"val": None, "test": None, "best_epoch": None},
         "cost": {},
         "routing": {"counts": {}},
@@ -129,19 +120,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
         "status": "running",
     }
+    system, callbacks = None, []
     try:
+        check_config(cfg, choice("router"))
+        L.seed_everything(cfg.seed, workers=True)
+        tokenizer = build_tokenizer(cfg.model.name_or_path)
+        datamodule = build_datamodule(cfg, tokenizer)
+        system = build_system(cfg, datamodule, tokenizer)
+        callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        results["params"] = count_parameters(system)
+        log.info("parameters: {trainable:,} trainable / {total:,} total".format(**results["params"]))
         if cfg.train:
             trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
             checkpoint, results["metrics"]["best_epoch"] = best_checkpoint(callbacks)
         else:
             checkpoint = cfg.ckpt_path
-        results["metrics"]["val"] = strip_prefix(
-            trainer.validate(system, datamodule=datamodule, ckpt_path=checkpoint)[0], "val"
-        )
+        validated = trainer.validate(system, datamodule=datamodule, ckpt_path=checkpoint)
+        results["metrics"]["val"] = strip_prefix(validated[0], "val")
         if cfg.test:
-            results["metrics"]["test"] = strip_prefix(
-                trainer.test(system, datamodule=datamodule, ckpt_path=checkpoint)[0], "test"
-            )
+            tested = trainer.test(system, datamodule=datamodule, ckpt_path=checkpoint)
+            results["metrics"]["test"] = strip_prefix(tested[0], "test")
         results["status"] = "completed"
     except BaseException as err:
         results["status"] = "failed"
@@ -149,9 +148,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         results["cost"] = cost_summary(callbacks)
-        results["routing"]["counts"] = dict(system.routing_counts)
-        if trainer.is_global_zero:
-            write_results(output_dir, results)
+        results["routing"]["counts"] = dict(system.routing_counts) if system is not None else {}
+        if rank_zero_only.rank == 0:  # one results.json per run, also under DDP
+            write_results(cfg.paths.output_dir, results)
             if results["status"] == "completed":
                 print_summary(results)
     return results

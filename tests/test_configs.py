@@ -99,6 +99,8 @@ def test_malformed_jsonl_names_file_and_line(make_cfg, tmp_path):
     (folder / "val.jsonl").write_text(json.dumps(good) + "\n")
     with pytest.raises(ValueError, match=r"train.jsonl:2"):
         run(make_cfg("dataset.source=dir", f"dataset.data_dir={folder}"))
+    failed = json.loads((tmp_path / "results.json").read_text())  # the run is on record, marked failed
+    assert failed["status"] == "failed" and "train.jsonl:2" in failed["error"]
 
 
 def test_unreachable_hub_says_how_to_use_local_files(make_cfg, monkeypatch):
