@@ -53,7 +53,6 @@ from smop.prompts import PTuning, SparseMixtureOfPrompts
 from smop.results import versions
 from smop.run import build_datamodule, build_prompt
 
-log = logging.getLogger(__name__)
 Batch = dict[str, Tensor]
 MIB = 2**20
 
@@ -97,6 +96,7 @@ class TaskRows:
     rows: list[dict[str, Any]]
     collate: Callable[[list[dict[str, Any]]], Batch]
     pad_id: int
+    source: str  # where the rows came from (sample, dir, hub, synthetic)
     lengths: str  # how the lengths were obtained, for the report
 
 
@@ -115,7 +115,8 @@ def task_rows(bench: DictConfig, task: str, tokenizer: PreTrainedTokenizerBase, 
     """
     dataset = OmegaConf.load(CONFIG_DIR / "dataset" / f"{task}.yaml")
     root = OmegaConf.create({"seed": bench.seed, "dataset": dataset, "method": {"prompt_length": 0}})
-    root.dataset.source = bench.source
+    if root.dataset.source != "synthetic":  # the synthetic task is generated, not read
+        root.dataset.source = bench.source
     if bench.data_dir:
         root.dataset.data_dir = str(bench.data_dir).format(task=task)
     root.dataset.max_length = 10**7 if estimate else budget  # bytes are estimated and cut below
@@ -124,7 +125,8 @@ def task_rows(bench: DictConfig, task: str, tokenizer: PreTrainedTokenizerBase, 
     rows = datamodule.splits["train"]
     pad_id = tokenizer.pad_token_id
     if not estimate:
-        return TaskRows(datamodule.task, rows, datamodule.collate, pad_id, f"real ids ({type(tokenizer).__name__})")
+        return TaskRows(datamodule.task, rows, datamodule.collate, pad_id, root.dataset.source,
+                        f"real ids ({type(tokenizer).__name__})")
     generator = torch.Generator().manual_seed(bench.seed)
     eos = tokenizer.eos_token_id
     label_ids = [torch.randint(3, vocab_high, (estimated_length(len(w.encode()), bench.bytes_per_token) - 1,),
@@ -135,7 +137,7 @@ def task_rows(bench: DictConfig, task: str, tokenizer: PreTrainedTokenizerBase, 
         ids = torch.randint(3, vocab_high, (length - 1,), generator=generator).tolist() + [eos]
         estimated.append({**row, "input_ids": ids, "labels": label_ids[row["label_index"]]})
     note = f"estimated: random ids, length = ceil(bytes / {bench.bytes_per_token}) + EOS"
-    return TaskRows(datamodule.task, estimated, datamodule.collate, pad_id, note)
+    return TaskRows(datamodule.task, estimated, datamodule.collate, pad_id, root.dataset.source, note)
 
 
 def real_batches(rows: TaskRows, batch_size: int, count: int, seed: int) -> list[Batch]:
@@ -224,17 +226,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_steps(step: Callable[[Batch], None], batches: list[Batch], warmup: int, device: torch.device) -> list[float]:
-    """Wall time of each step after the first `warmup`, synchronised with the device on both sides."""
-    times = []
+def timed_steps(step: Callable[[Batch], None], batches: list[Batch], warmup: int,
+                device: torch.device) -> tuple[list[float], list[float]]:
+    """Wall time and process CPU time of each step after the first `warmup`, synchronised with the device.
+
+    CPU time does not count the moments other jobs hold the cores, so on a shared CPU with one torch thread it
+    measures the work itself; on CUDA it is host time only and is not reported.
+    """
+    wall, cpu = [], []
     for i, batch in enumerate(batches):
         sync(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step(batch)
         sync(device)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 @dataclass
@@ -424,8 +432,6 @@ class Bench:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)  # on a shared CPU, 1 thread avoids OpenMP threads waiting on each other
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                                    else "cpu" if cfg.device == "auto" else cfg.device)
         if cfg.precision not in ("fp32", "bf16"):
@@ -468,37 +474,49 @@ class Bench:
             return build_bare(root, self.backbone, self.device, self.autocast)
         raise ValueError(f"variant {name}: runner={spec.runner}; allowed: ours, lightning, peft, bare")
 
-    def measure(self, name: str, setting: Setting, task: Task) -> dict[str, Any]:
-        """Time, memory, FLOPs and trainable parameters of one variant on one setting's batches."""
+    def summarise(self, times: list[float], cpu_times: list[float] | None) -> dict[str, Any]:
+        """Median step time, examples/s, the interquartile range relative to the median (the noise), the
+        minimum (on a shared CPU the least disturbed step) and, on CPU, the median process CPU time."""
+        median = statistics.median(times)
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median, median, median]
+        cpu = self.device.type == "cpu" and bool(cpu_times)
+        return {"step_time_s_median": median, "step_time_iqr_rel": (quartiles[2] - quartiles[0]) / median,
+                "step_time_s_min": min(times), "step_times_s": times, "examples_per_s": self.batch_size / median,
+                "step_cpu_s_median": statistics.median(cpu_times) if cpu else None,
+                "step_cpu_s": cpu_times if cpu else None}
+
+    def measure(self, name: str, setting: Setting, task: Task, first: bool = True) -> dict[str, Any]:
+        """Time, memory, FLOPs and trainable parameters of one variant on one setting's batches.
+
+        FLOPs and the CPU memory figure do not depend on timing noise: they are taken in the `first` round only.
+        """
         cfg = self.cfg
+        gc.collect()  # the previous variant's objects, before this one is built and measured
         runner = self.build(name, task)
         try:
             if self.device.type == "cuda":
-                gc.collect()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(self.device)
-            times = (runner.run or (lambda b, w: timed_steps(runner.step, b, w, self.device)))(
-                setting.batches, cfg.warmup_steps)
+            if runner.run is not None:
+                times, cpu_times = runner.run(setting.batches, cfg.warmup_steps), None
+            else:
+                times, cpu_times = timed_steps(runner.step, setting.batches, cfg.warmup_steps, self.device)
             memory = None
             if self.device.type == "cuda":
                 memory = torch.cuda.max_memory_allocated(self.device)
-            elif runner.run is None and cfg.memory_steps > 0:
+            elif runner.run is None and cfg.memory_steps > 0 and first:
                 resident = resident_bytes(runner.modules, runner.optimizer)
                 with LiveTensorBytes() as tracker:
                     for batch in setting.batches[: cfg.memory_steps]:
                         runner.step(batch)
                 memory = resident + tracker.peak
-            median = statistics.median(times)
             result = {"runner": self.specs[name].runner, "trainable_params": runner.trainable,
-                      "step_time_s_median": median, "step_times_s": times,
-                      "examples_per_s": self.batch_size / median, "peak_memory_bytes": memory}
-            if runner.system is not None:
+                      **self.summarise(times, cpu_times), "peak_memory_bytes": memory}
+            if runner.system is not None and first:
                 result.update(count_flops(runner, setting.batches[: cfg.flops_batches], cfg.flops_rows))
             return result
         finally:
             runner.close()
-            del runner
-            gc.collect()
 
 
 # --- the data-pipeline comparison -------------------------------------------------------------------
@@ -567,6 +585,9 @@ def compare(variants: dict[str, dict[str, Any]], names: DictConfig) -> dict[str,
         "ours_over_bare_step_time": ratio(get("pt", "step_time_s_median"), get("bare", "step_time_s_median")),
         "lightning_over_plain_step_time": ratio(get("lightning", "step_time_s_median"),
                                                 get("pt", "step_time_s_median")),
+        "smop_over_pt_cpu_time": ratio(get("smop", "step_cpu_s_median"), get("pt", "step_cpu_s_median")),
+        "ours_over_peft_cpu_time": ratio(get("pt", "step_cpu_s_median"), get("peft", "step_cpu_s_median")),
+        "ours_over_bare_cpu_time": ratio(get("pt", "step_cpu_s_median"), get("bare", "step_cpu_s_median")),
     }
     fv_pt, fv_smop = get("pt", "inference_flops_per_example"), get("smop", "inference_flops_per_example")
     an_pt, an_smop = get("pt", "analytic_flops_per_example"), get("smop", "analytic_flops_per_example")
@@ -586,6 +607,8 @@ RATIO_LABELS = {
     "ours_over_bare_step_time": "ours/bare time", "lightning_over_plain_step_time": "Lightning/plain time",
     "flops_delta_rel_error": "analytic check (rel. err.)",
 }
+CPU_RATIO_LABELS = {"smop_over_pt_cpu_time": "SMoP/PT-100", "ours_over_peft_cpu_time": "ours/peft",
+                    "ours_over_bare_cpu_time": "ours/bare"}
 
 
 def _fmt(value: Any, kind: str) -> str:
@@ -605,9 +628,12 @@ def memory_header(kind: str) -> str:
 def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """Title, header, rows of every table: one per setting, the ratios, the data pipeline."""
     out = []
-    header = ["variant", "trainable", "step ms", "examples/s", "peak MiB", "GFLOPs/ex fvcore", "GFLOPs/ex analytic"]
+    header = ["variant", "trainable", "step ms", "IQR", "min ms", "CPU ms", "examples/s", "peak MiB",
+              "GFLOPs/ex fvcore", "GFLOPs/ex analytic"]
     for setting in report["settings"]:
         rows = [[name, _fmt(v["trainable_params"], "int"), _fmt(v["step_time_s_median"], "ms"),
+                 f"{v['step_time_iqr_rel'] * 100:.0f}%", _fmt(v["step_time_s_min"], "ms"),
+                 _fmt(v.get("step_cpu_s_median"), "ms"),
                  _fmt(v["examples_per_s"], "rate"), _fmt(v["peak_memory_bytes"], "mib"),
                  _fmt(v.get("inference_flops_per_example"), "gflops"),
                  _fmt(v.get("analytic_flops_per_example"), "gflops")] for name, v in setting["variants"].items()]
@@ -621,6 +647,11 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
                                  for k in RATIO_LABELS] for s in report["settings"]]
     out.append(("Ratios (SMoP 4x5 vs PT-100; our PT-100 vs peft's, the bare loop, and Lightning)",
                 ratio_header, ratio_rows))
+    if report["device"] == "cpu":
+        cpu_rows = [[s["name"]] + [_fmt(s["ratios"].get(k), "ratio") for k in CPU_RATIO_LABELS]
+                    for s in report["settings"]]
+        out.append(("Ratios of median CPU time per step (process time: not the moments other jobs hold the cores)",
+                    ["setting", *CPU_RATIO_LABELS.values()], cpu_rows))
     pipe = report.get("pipeline")
     if pipe:
         rows = [[mode, str(pipe[mode]["examples"]), f"{pipe[mode]['padded_length_mean']:.1f}",
@@ -641,7 +672,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"transformers {report['versions']['transformers']}, peft {machine['peft']}", "",
              f"Command: `{report['command']}`", "",
              f"Step ms: median of {report['steps']} x {report['rounds']} timed steps (forward + backward + "
-             f"optimizer step) after {report['warmup_steps']} warm-up steps. {memory_header(report['memory_kind'])}. "
+             f"optimizer step) after {report['warmup_steps']} warm-up steps; IQR: their interquartile range over "
+             "the median (the noise); min ms: the fastest step; CPU ms (CPU runs): median process CPU time of a "
+             f"step. {memory_header(report['memory_kind'])}. "
              "GFLOPs/ex: inference forward per example (encoder + decoder over the label length), multiply-adds. "
              "Targets in brackets are reported, not asserted.", ""]
     for title, header, rows in tables(report):
@@ -682,7 +715,7 @@ def settings(bench: Bench) -> Iterator[tuple[Setting, Task, TaskRows]]:
         rows = task_rows(cfg, task, bench.tokenizer, bench.estimate, budget, bench.vocab_high)
         batches = real_batches(rows, bench.batch_size, count, cfg.seed)
         first = first or (batches, rows.task, rows)
-        yield Setting(f"{task} ({cfg.source} lengths)", "real",
+        yield Setting(f"{task} ({rows.source} lengths)", "real",
                       [to_device(b, bench.device) for b in batches]), rows.task, rows
     if first is None and cfg.fixed_lengths:
         raise ValueError("benchmark.fixed_lengths takes its labels from the first of benchmark.tasks: give one")
@@ -691,8 +724,26 @@ def settings(bench: Bench) -> Iterator[tuple[Setting, Task, TaskRows]]:
         yield Setting(f"fixed {length}", "fixed", [to_device(b, bench.device) for b in batches]), first[1], first[2]
 
 
+# Expected here: a frozen backbone in eval mode, no validation loop, in-memory batches, peft on transformers 5.
+EXPECTED_WARNINGS = (".*module\\(s\\) in eval mode.*", ".*no `val_dataloader`.*", ".*does not have many workers.*",
+                     ".*is_gradient_checkpointing.*", ".*LeafSpec.*")
+
+
 def run_benchmark(cfg: DictConfig, output_dir: str | Path, command: str = "python -m smop.benchmark") -> dict[str, Any]:
     """Measure every variant on every setting, write benchmark.md and benchmark.json, return the report."""
+    threads = torch.get_num_threads()
+    if cfg.benchmark.threads:
+        torch.set_num_threads(cfg.benchmark.threads)  # on a shared CPU, 1 thread avoids OpenMP threads waiting
+    try:
+        with warnings.catch_warnings():
+            for expected in EXPECTED_WARNINGS:
+                warnings.filterwarnings("ignore", message=expected)
+            return _run(cfg, output_dir, command)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any]:
     bench = Bench(cfg.benchmark)
     console = Console(width=max(Console().width, 150))  # wide tables stay readable in logs and pipes
     report: dict[str, Any] = {
@@ -709,13 +760,13 @@ def run_benchmark(cfg: DictConfig, output_dir: str | Path, command: str = "pytho
         for round_index in range(cfg.benchmark.rounds):  # rounds > 1 interleave variants against drift
             for name in bench.specs:
                 console.log(f"{setting.name}: {name} (round {round_index + 1}/{cfg.benchmark.rounds})")
-                result = bench.measure(name, setting, task)
+                result = bench.measure(name, setting, task, first=round_index == 0)
                 if variants[name]:
-                    result["step_times_s"] = variants[name]["step_times_s"] + result["step_times_s"]
-                    result["step_time_s_median"] = statistics.median(result["step_times_s"])
-                    result["examples_per_s"] = bench.batch_size / result["step_time_s_median"]
-                    mem = [m for m in (variants[name]["peak_memory_bytes"], result["peak_memory_bytes"]) if m]
-                    result["peak_memory_bytes"] = max(mem) if mem else None
+                    earlier = variants[name]
+                    memory = [m for m in (earlier["peak_memory_bytes"], result["peak_memory_bytes"]) if m]
+                    cpu = earlier["step_cpu_s"] + result["step_cpu_s"] if earlier["step_cpu_s"] else None
+                    result = {**earlier, **bench.summarise(earlier["step_times_s"] + result["step_times_s"], cpu),
+                              "peak_memory_bytes": max(memory) if memory else None}
                 variants[name] = result
         lengths = rows.lengths if setting.kind == "real" else "random ids"
         report["settings"].append({"name": setting.name, "kind": setting.kind, "lengths": lengths,
@@ -743,9 +794,6 @@ def run_benchmark(cfg: DictConfig, output_dir: str | Path, command: str = "pytho
 def main(cfg: DictConfig) -> None:
     """`python -m smop.benchmark benchmark.model=t5-base benchmark.precision=bf16`."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    for expected in (".*module\\(s\\) in eval mode.*", ".*no `val_dataloader`.*", ".*is_gradient_checkpointing.*",
-                     ".*LeafSpec.*", ".*does not have many workers.*"):
-        warnings.filterwarnings("ignore", message=expected)  # expected here: frozen backbone, no validation
     overrides = " ".join(HydraConfig.get().overrides.task)
     run_benchmark(cfg, HydraConfig.get().runtime.output_dir, f"python -m smop.benchmark {overrides}".strip())
 

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from smop.adapters import add_lora
@@ -46,6 +47,8 @@ class PromptTuningSystem(L.LightningModule):
         prompt: PromptModule | None,
         optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
         warmup_ratio: float = 0.06,
+        warmup_steps: int | None = None,
+        lr_schedule: str = "linear",
         max_new_tokens: int = 10,
         train_backbone: bool = False,
         lora: dict[str, Any] | None = None,
@@ -60,7 +63,10 @@ class PromptTuningSystem(L.LightningModule):
             add_lora(self.backbone, **lora)
         self.prompt = prompt
         self.tokenizer, self.task = tokenizer, task
-        self.optimizer_factory, self.warmup_ratio = optimizer, warmup_ratio
+        self.optimizer_factory, self.warmup_ratio, self.warmup_steps = optimizer, warmup_ratio, warmup_steps
+        if lr_schedule not in ("linear", "constant"):
+            raise ValueError(f"Unknown lr_schedule '{lr_schedule}'; allowed: linear, constant")
+        self.lr_schedule = lr_schedule
         self.max_new_tokens = max_new_tokens
         self.train_backbone = train_backbone
         self.strict_loading = False  # checkpoints hold trainable weights only; on_load_checkpoint checks them
@@ -170,7 +176,11 @@ class PromptTuningSystem(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.param_groups())
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(self.warmup_ratio * total), total)
+        if self.lr_schedule == "constant":  # FPT's reference: no warmup, no decay
+            scheduler = LambdaLR(optimizer, lambda _: 1.0)
+        else:
+            warmup = self.warmup_steps if self.warmup_steps is not None else math.ceil(self.warmup_ratio * total)
+            scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- checkpoints hold the trainable weights only -----------------------------------------------

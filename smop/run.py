@@ -63,6 +63,8 @@ def build_system(cfg: DictConfig, datamodule: SuperGLUEDataModule, tokenizer: An
         prompt=build_prompt(cfg, backbone, tokenizer),
         optimizer=instantiate(cfg.optimizer),
         warmup_ratio=cfg.warmup_ratio,
+        warmup_steps=cfg.get("warmup_steps"),
+        lr_schedule=cfg.method.get("lr_schedule", "linear"),
         max_new_tokens=datamodule.max_target_length,
         train_backbone=cfg.method.train_backbone,
         lora=OmegaConf.to_container(cfg.method.lora) if cfg.method.get("lora") else None,

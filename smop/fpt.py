@@ -1,0 +1,465 @@
+"""FPT (Huang et al., 2022): train the prompt on a partial T5 that grows, in stages, back to the full model.
+
+A partial model reuses the backbone's own modules. Layer dropping swaps a stack's `block` ModuleList for a
+ModuleList of the kept blocks (the same objects, no copy); FFN reduction swaps an FFN's Linear layers for
+smaller frozen copies of its top-scored neurons. The originals are kept and put back, so the full model is
+bit-for-bit what it was. The prompt module is never touched: its Parameters, and with them the optimizer
+state, carry across stages.
+
+Works with any prompt method (`callbacks=fpt`); `method=fpt` is prompt tuning with the reference's recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from smop.costs import eager_attention, inference_flops, train_step_flops
+
+log = logging.getLogger(__name__)
+
+STACKS = ("encoder", "decoder")
+REDUCTIONS = ("layers", "ffn", "both")
+VALIDATE_ON = ("full", "partial")
+
+
+# --- what a partial model keeps ----------------------------------------------------------------------
+
+
+def kept_layers(num_layers: int, fraction: float) -> list[int]:
+    """Indices of round(fraction * num_layers) evenly spaced blocks, always the first (it holds T5's relative
+    position bias, which the other blocks reuse) and the last (it feeds the final layer norm)."""
+    n = min(num_layers, max(min(2, num_layers), round(fraction * num_layers)))
+    if n == 1:
+        return [0]
+    return [round(i * (num_layers - 1) / (n - 1)) for i in range(n)]
+
+
+def kept_neurons(scores: Tensor, fraction: float) -> Tensor:
+    """The round(fraction * d_ff) FFN neurons with the highest scores, in their original order."""
+    k = min(len(scores), max(1, round(fraction * len(scores))))
+    return scores.topk(k).indices.sort().values
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A stage's model: the share of blocks kept in each reduced stack and of neurons kept in each FFN."""
+
+    layers: float = 1.0
+    ffn: float = 1.0
+
+    @property
+    def full(self) -> bool:
+        return self.layers >= 1.0 and self.ffn >= 1.0
+
+
+FULL = Shape()
+
+
+def _ffn(block: nn.Module) -> nn.Module:
+    """T5's feed-forward sublayer (the last of a block): wi, or wi_0 and wi_1 when gated, then wo."""
+    return block.layer[-1].DenseReluDense
+
+
+def _ffn_inputs(ffn: nn.Module) -> tuple[str, ...]:
+    return ("wi_0", "wi_1") if hasattr(ffn, "wi_0") else ("wi",)
+
+
+def _sliced_linear(linear: nn.Module, index: Tensor, dim: int) -> nn.Linear:
+    """A frozen copy of `linear` that keeps output rows (dim=0) or input columns (dim=1) `index`."""
+    if type(linear) is not nn.Linear:
+        raise TypeError(
+            f"FFN reduction slices plain nn.Linear FFN weights, got {type(linear).__name__} (LoRA on wi/wo?); "
+            "use callbacks.fpt.reduce=layers"
+        )
+    if linear.weight.requires_grad:
+        raise ValueError("FFN reduction slices frozen FFN weights only (method=full trains them): use reduce=layers")
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device="meta")
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    if linear.bias is not None:
+        bias = linear.bias.detach()
+        out.bias = nn.Parameter(bias.index_select(0, index.to(bias.device)) if dim == 0 else bias.clone(), False)
+    return out
+
+
+class PartialT5:
+    """Switches a T5 between its full size and partial shapes; keeps the original modules to put back exactly.
+
+    T5Stack.forward iterates `self.block` and reads no layer count, and each kept block keeps its own
+    `layer_idx`, so the decoder cache (sized from the unchanged config) stays consistent during generation.
+    """
+
+    def __init__(self, backbone: nn.Module, stacks: Sequence[str] = ("encoder",)) -> None:
+        self.stacks = {name: getattr(backbone, name) for name in stacks}
+        self.blocks = {name: stack.block for name, stack in self.stacks.items()}  # the original ModuleLists
+        self.linears = {  # the original FFN Linear layers, per stack and block
+            name: [{a: getattr(_ffn(b), a) for a in (*_ffn_inputs(_ffn(b)), "wo")} for b in blocks]
+            for name, blocks in self.blocks.items()
+        }
+        self.scores: dict[str, Tensor] = {}  # per stack: [num_blocks, d_ff] neuron scores (ffn_scores)
+        self.shape = FULL
+        self._slices: dict[tuple[str, int], dict[str, nn.Linear]] = {}  # FFN copies for _slices_fraction
+        self._slices_fraction: float | None = None
+
+    def apply(self, shape: Shape) -> None:
+        """Put `shape` in force (a no-op when it already is); FULL restores the original model."""
+        if shape == self.shape:
+            return
+        self.restore()
+        if shape.full:
+            return
+        if shape.ffn < 1.0 and self._slices_fraction != shape.ffn:
+            self._slices, self._slices_fraction = {}, shape.ffn  # one stage's copies at a time
+        for name, stack in self.stacks.items():
+            blocks = self.blocks[name]
+            keep = kept_layers(len(blocks), shape.layers)
+            if shape.ffn < 1.0:
+                for i in keep:
+                    for attr, linear in self._ffn_slices(name, i, shape.ffn).items():
+                        setattr(_ffn(blocks[i]), attr, linear)
+            if len(keep) < len(blocks):
+                stack.block = nn.ModuleList([blocks[i] for i in keep])
+        self.shape = shape
+
+    def restore(self) -> None:
+        """The full model: the original block lists and FFN Linear layers, the very same objects."""
+        for name, stack in self.stacks.items():
+            stack.block = self.blocks[name]
+            for block, linears in zip(self.blocks[name], self.linears[name], strict=True):
+                for attr, linear in linears.items():
+                    setattr(_ffn(block), attr, linear)
+        self.shape = FULL
+
+    def release(self) -> None:
+        """Restore and free the FFN copies (at the end of training)."""
+        self.restore()
+        self._slices, self._slices_fraction = {}, None
+
+    def _ffn_slices(self, stack: str, index: int, fraction: float) -> dict[str, nn.Linear]:
+        if (stack, index) not in self._slices:
+            if stack not in self.scores:
+                raise RuntimeError(f"FFN reduction of the {stack} needs neuron scores first (ffn_scores)")
+            keep = kept_neurons(self.scores[stack][index], fraction)
+            linears = self.linears[stack][index]
+            sliced = {a: _sliced_linear(linears[a], keep, 0) for a in linears if a != "wo"}
+            sliced["wo"] = _sliced_linear(linears["wo"], keep, 1)
+            self._slices[(stack, index)] = sliced
+        return self._slices[(stack, index)]
+
+    def describe(self, shape: Shape) -> str:
+        """e.g. "encoder 6/24 layers x 704/2816 ffn": what `shape` keeps of each reduced stack."""
+        parts = []
+        for name, blocks in self.blocks.items():
+            d_ff = self.linears[name][0]["wo"].in_features
+            k = min(d_ff, max(1, round(shape.ffn * d_ff))) if shape.ffn < 1.0 else d_ff
+            parts.append(f"{name} {len(kept_layers(len(blocks), shape.layers))}/{len(blocks)} layers x {k}/{d_ff} ffn")
+        return ", ".join(parts)
+
+    @torch.no_grad()
+    def ffn_scores(self, system: nn.Module, batches: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Score every FFN neuron of the full model: mean |input of wo| over non-pad tokens, which is
+        |act(wi x)|, or |act(wi_0 x) * (wi_1 x)| for gated FFNs. The encoder sees what training feeds it
+        ([prompt ; input] when `system` has `encoder_inputs`); the decoder the teacher-forced labels."""
+        self.restore()
+        sums: dict[str, Tensor] = {}  # per stack: [num_blocks, d_ff] sums of |activation| over counted tokens
+        for name, per_block in self.linears.items():
+            wo = per_block[0]["wo"].weight
+            sums[name] = torch.zeros(len(per_block), wo.shape[1], dtype=torch.float64, device=wo.device)
+        tokens = dict.fromkeys(self.blocks, 0)
+        masks: dict[str, Tensor] = {}
+
+        def hook(stack: str, index: int) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+            def accumulate(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+                mask = masks[stack].to(args[0].dtype).unsqueeze(-1)
+                sums[stack][index] += (args[0].abs() * mask).sum((0, 1)).double()
+
+            return accumulate
+
+        handles = [
+            linears["wo"].register_forward_pre_hook(hook(name, i))
+            for name, per_block in self.linears.items()
+            for i, linears in enumerate(per_block)
+        ]
+        was_training = system.training
+        system.eval()
+        try:
+            for batch in batches:
+                labels = batch["labels"]
+                if hasattr(system, "encoder_inputs"):
+                    embeds, mask, _ = system.encoder_inputs(batch["input_ids"], batch["attention_mask"])
+                else:
+                    embeds, mask = system.backbone.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"]
+                masks["encoder"], masks["decoder"] = mask, (labels != -100)
+                system.backbone(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
+                for name in tokens:
+                    tokens[name] += int(masks[name].sum())
+        finally:
+            for handle in handles:
+                handle.remove()
+            system.train(was_training)
+        self.scores = {name: (sums[name] / max(1, tokens[name])).float().cpu() for name in sums}
+        self._slices, self._slices_fraction = {}, None
+        return self.scores
+
+
+# --- the schedule, as a callback ---------------------------------------------------------------------
+
+
+class ProgressiveTraining(Callback):
+    """FPT's schedule: partial stages of fixed step counts, then the full model for the rest of the run.
+
+    Args:
+        reduce: "layers" (evenly spaced blocks), "ffn" (top-scored FFN neurons) or "both".
+        fractions: share of layers / FFN neurons kept in each partial stage (the paper: 0.25, 0.5, 0.75).
+        stage_steps: optimizer steps per partial stage, one number for all or one per stage; None: stage_share.
+        stage_share: when stage_steps is None, each partial stage gets this share of the run's steps
+            (the paper: 6k of 30k).
+        stacks: which stacks are reduced; the reference reduced the encoder only (decoder optional).
+        score_samples: about how many training examples score the FFN neurons (once, full model, before training).
+        validate_on: "full" validates (so picks the best checkpoint and early-stops) on the full model even during
+            partial stages; "partial" validates on the model being trained, as the reference logged it (then
+            val/score of partial epochs reaches model_checkpoint and early_stopping too).
+        count_flops: count inference and training-step FLOPs per example of every stage, before training.
+        flop_batches: training batches the FLOPs are averaged over.
+    """
+
+    def __init__(
+        self,
+        reduce: str = "both",
+        fractions: Sequence[float] = (0.25, 0.5, 0.75),
+        stage_steps: int | Sequence[int] | None = None,
+        stage_share: float = 0.2,
+        stacks: Sequence[str] = ("encoder",),
+        score_samples: int = 1000,
+        validate_on: str = "full",
+        count_flops: bool = True,
+        flop_batches: int = 2,
+    ) -> None:
+        fractions = [float(f) for f in fractions]
+        problems = []
+        if reduce not in REDUCTIONS:
+            problems.append(f"reduce={reduce} is not one of: {', '.join(REDUCTIONS)}")
+        if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
+            problems.append(f"fractions={fractions} must be shares in (0, 1]")
+        if not stacks or set(stacks) - set(STACKS):
+            problems.append(f"stacks={list(stacks)} must be a non-empty subset of: {', '.join(STACKS)}")
+        if validate_on not in VALIDATE_ON:
+            problems.append(f"validate_on={validate_on} is not one of: {', '.join(VALIDATE_ON)}")
+        if isinstance(stage_steps, Sequence) and len(stage_steps) != len(fractions):
+            problems.append(f"stage_steps={list(stage_steps)} needs one entry per fraction ({len(fractions)})")
+        if stage_steps is None and not 0.0 <= stage_share * len(fractions) <= 1.0:
+            problems.append(f"stage_share={stage_share} x {len(fractions)} stages must lie in [0, 1]")
+        if problems:
+            raise ValueError("callbacks.fpt: " + "; ".join(problems))
+        layers, ffn = reduce in ("layers", "both"), reduce in ("ffn", "both")
+        self.shapes = [Shape(f if layers else 1.0, f if ffn else 1.0) for f in fractions] + [FULL]
+        self.stage_steps, self.stage_share = stage_steps, stage_share
+        self.stacks, self.score_samples, self.validate_on = tuple(stacks), score_samples, validate_on
+        self.count_flops, self.flop_batches = count_flops, flop_batches
+        self.partial: PartialT5 | None = None
+        self.ends: list[int] = []  # the global step at which each partial stage ends
+        self.stage = len(self.shapes) - 1  # the stage training is in (the last one: full model)
+        self.steps = [0] * len(self.shapes)  # optimizer steps, examples and seconds trained in each stage
+        self.examples = [0] * len(self.shapes)
+        self.seconds = [0.0] * len(self.shapes)
+        self.scored = 0  # examples the FFN scores were computed on (a full-model forward each)
+        self.inference_flops: list[float] = []  # per example, per stage
+        self.train_flops: list[float] = []
+        self._step_before, self._time_before = 0, 0.0
+        self._scores: dict[str, Tensor] = {}  # from a checkpoint being resumed
+        self._resumed: dict[str, Any] | None = None
+
+    # --- plan ------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.partial is None:
+            self.partial = PartialT5(pl_module.backbone, self.stacks)
+            self.partial.scores = self._scores
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Stage boundaries in optimizer steps; early stopping held off until the full model is back."""
+        partial_stages = len(self.shapes) - 1
+        if self.stage_steps is None:
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError("callbacks.fpt.stage_steps is needed when the run's length is unknown")
+            steps = [round(self.stage_share * total)] * partial_stages
+        elif isinstance(self.stage_steps, int):
+            steps = [self.stage_steps] * partial_stages
+        else:
+            steps = [int(s) for s in self.stage_steps]
+        self.ends = [sum(steps[: i + 1]) for i in range(partial_stages)]
+        if self.ends and self.ends[-1] > 0:  # early stopping may not end the run before the full model is back
+            trainer.fit_loop.epoch_loop.min_steps = max(trainer.fit_loop.epoch_loop.min_steps or 0, self.ends[-1])
+
+    def stage_at(self, step: int) -> int:
+        """The stage that trains optimizer step `step` (0-based): the first partial stage not yet over."""
+        return next((i for i, end in enumerate(self.ends) if step < end), len(self.shapes) - 1)
+
+    # --- before training: neuron scores and FLOPs on the full model ---------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._resumed is not None:
+            self.steps, self.examples = list(self._resumed["steps"]), list(self._resumed["examples"])
+            self.seconds, self.scored = list(self._resumed["seconds"]), self._resumed["scored"]
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the run's random stream must not change (shuffle, noise)
+            if any(shape.ffn < 1.0 for shape in self.shapes) and not self.partial.scores:
+                batches = self._train_batches(trainer, pl_module, shuffle=True, examples=self.score_samples)
+                self.partial.ffn_scores(pl_module, batches)
+                self.scored = sum(b["input_ids"].shape[0] for b in batches)
+                log.info("FPT: FFN neurons scored on %d examples", self.scored)
+            if self.count_flops:
+                self._count(trainer, pl_module)
+
+    def _train_batches(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, shuffle: bool, examples: int = 0, batches: int = 0
+    ) -> list[dict[str, Tensor]]:
+        """Training batches until `examples` examples or `batches` batches: shuffled (a sample, for scores) or the
+        first ones in file order (for FLOPs: every method and seed counted on the same inputs, as FlopCounter)."""
+        if trainer.datamodule is None:
+            raise RuntimeError("FPT reads training batches from the datamodule; fit with datamodule=...")
+        loader = trainer.datamodule.train_dataloader()
+        if not shuffle:
+            loader = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+        out, seen = [], 0
+        for batch in loader:
+            out.append(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
+            seen += batch["input_ids"].shape[0]
+            if (examples and seen >= examples) or (batches and len(out) >= batches):
+                break
+        return out
+
+    def _count(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        batches = self._train_batches(trainer, pl_module, shuffle=False, batches=self.flop_batches)
+        self.inference_flops, self.train_flops = [], []
+        try:
+            for shape in self.shapes:
+                self.partial.apply(shape)
+                with eager_attention(pl_module):
+                    self.inference_flops.append(statistics.mean(inference_flops(pl_module, b) for b in batches))
+                    self.train_flops.append(statistics.mean(train_step_flops(pl_module, b) for b in batches))
+        finally:
+            self.partial.restore()
+        for shape, inference, train in zip(self.shapes, self.inference_flops, self.train_flops, strict=True):
+            log.info(
+                "FPT %s: %.4g inference / %.4g train FLOPs per example", self.partial.describe(shape), inference, train
+            )
+
+    # --- during training: the stage for the current step -------------------------------------------
+    def _sync(self, trainer: L.Trainer) -> None:
+        stage = self.stage_at(trainer.global_step)
+        if self.stage < stage == len(self.shapes) - 1:
+            # the full model is back: patience restarts, and a stop asked for during the partial stages is dropped
+            for callback in trainer.early_stopping_callbacks:
+                callback.wait_count = 0
+            trainer.should_stop = False
+        if stage != self.stage:
+            log.info(
+                "FPT stage %d/%d from step %d: %s",
+                stage + 1,
+                len(self.shapes),
+                trainer.global_step,
+                self.partial.describe(self.shapes[stage]),
+            )
+            for logger in trainer.loggers:
+                logger.log_metrics({"fpt/stage": stage}, step=trainer.global_step)
+        self.stage = stage
+        self.partial.apply(self.shapes[stage])
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._sync(trainer)
+        self._step_before, self._time_before = trainer.global_step, _clock(pl_module.device)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.seconds[self.stage] += _clock(pl_module.device) - self._time_before
+        self.examples[self.stage] += batch["input_ids"].shape[0]
+        self.steps[self.stage] += trainer.global_step - self._step_before
+        self._sync(trainer)  # so that a validation right after a stage's last step sees the next stage
+
+    # --- outside training steps: the full model ------------------------------------------------------
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.validate_on == "full" or trainer.state.fn != TrainerFn.FITTING:
+            self.partial.restore()  # the next training batch puts the stage back
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.partial.restore()
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.partial.restore()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints hold the full model's keys (a partial one renumbers blocks): retake the state dict."""
+        if not self.partial.shape.full:
+            self.partial.restore()
+            checkpoint["state_dict"] = trainer.strategy.lightning_module_state_dict()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.partial.release()
+        self.stage = len(self.shapes) - 1
+        for logger in trainer.loggers:
+            logger.log_metrics({f"cost/{k}": v for k, v in self.cost().items() if isinstance(v, float)})
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self.partial is not None:
+            self.partial.release()
+
+    # --- resuming: scores and counts travel in the checkpoint ------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        scores = self.partial.scores if self.partial is not None else {}
+        counts = {"steps": self.steps, "examples": self.examples, "seconds": self.seconds, "scored": self.scored}
+        return {"scores": {k: v.cpu() for k, v in scores.items()}, **counts}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Scores always; the step counts only when training resumes (on_train_start), not when validate/test
+        load the best checkpoint after fit."""
+        self._scores, self._resumed = dict(state_dict["scores"]), state_dict
+        if self.partial is not None:
+            self.partial.scores = self._scores
+
+    # --- results.json -------------------------------------------------------------------------------
+    def cost(self) -> dict[str, Any]:
+        """FLOPs per example of each stage, and the run's training FLOPs (neuron scoring included) against the same
+        examples all trained on the full model (plain prompt tuning)."""
+        if not self.train_flops:
+            return {}
+        figures: dict[str, Any] = {
+            "fpt_stages": [self.partial.describe(shape) for shape in self.shapes],
+            "fpt_stage_steps": list(self.steps),
+            "fpt_stage_time_s": list(self.seconds),
+            "fpt_stage_inference_flops": list(self.inference_flops),
+            "fpt_stage_train_flops": list(self.train_flops),
+        }
+        if sum(self.examples):
+            scoring = self.scored * self.inference_flops[-1]
+            total = scoring + sum(n * flops for n, flops in zip(self.examples, self.train_flops, strict=True))
+            full = sum(self.examples) * self.train_flops[-1]
+            figures.update(
+                fpt_score_flops=float(scoring),
+                fpt_train_flops_total=float(total),
+                fpt_train_flops_full=float(full),
+                fpt_train_flops_vs_full=total / full,
+            )
+        return figures
+
+
+def _clock(device: torch.device) -> float:
+    """Wall time after the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,187 @@
+"""FPT: partial models are real smaller T5s, the schedule grows them back, the prompt and its optimizer state
+carry across stages, the full model comes back bit-for-bit, and the run reports what the stages cost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import SYNTHETIC, build
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from transformers import T5Config, T5ForConditionalGeneration
+
+from smop.backbones import build_tokenizer
+from smop.fpt import FULL, PartialT5, ProgressiveTraining, Shape, kept_layers
+from smop.run import build_datamodule, build_system, run
+
+DEEP = ["model.tiny.num_layers=4", "model.tiny.num_decoder_layers=4"]  # d_ff 256: layers and neurons to drop
+# `method=fpt` with partial stages of 2 steps (25/50/75%), then 2 full-model steps
+SHORT = ["method=fpt", *DEEP, *SYNTHETIC, "callbacks.fpt.stage_steps=2", "callbacks.fpt.score_samples=32"]
+SHORT += ["trainer.max_steps=8", "trainer.max_epochs=-1"]
+
+
+def test_kept_layers_are_evenly_spaced_and_keep_the_first_and_last():
+    assert kept_layers(24, 0.25) == [0, 5, 9, 14, 18, 23]  # T5-large's encoder at the paper's first stage
+    assert [len(kept_layers(24, f)) for f in (0.25, 0.5, 0.75, 1.0)] == [6, 12, 18, 24]
+    assert kept_layers(4, 0.25) == [0, 3] and kept_layers(4, 0.75) == [0, 2, 3] and kept_layers(1, 0.25) == [0]
+
+
+@pytest.mark.parametrize("ffn", ["relu", "gated-gelu"])
+def test_partial_model_is_a_smaller_t5_and_the_full_one_comes_back_bit_for_bit(make_cfg, ffn):
+    """The partial model computes exactly what a T5 built with the kept blocks and neurons computes, generation
+    (decoder cache, relative position bias of block 0) included."""
+    cfg = make_cfg("method=fpt", *DEEP, f"+model.tiny.feed_forward_proj={ffn}", *SYNTHETIC)
+    system, batch = build(cfg)
+    backbone = system.backbone
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    modules = dict(backbone.named_modules())
+    partial = PartialT5(backbone, ["encoder", "decoder"])
+    scores = partial.ffn_scores(system, [batch])
+    assert scores["encoder"].shape == scores["decoder"].shape == (4, 256) and (scores["encoder"] >= 0).all()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    for fraction, layers, width in [(0.25, 2, 64), (0.5, 2, 128), (0.75, 3, 192)]:
+        partial.apply(Shape(fraction, fraction))
+        for stack in (backbone.encoder, backbone.decoder):
+            assert len(stack.block) == layers and stack.block[0].layer[0].SelfAttention.has_relative_attention_bias
+            assert all(block.layer[-1].DenseReluDense.wo.in_features == width for block in stack.block)
+        small = T5ForConditionalGeneration(
+            T5Config(**{**cfg.model.tiny, "num_layers": layers, "num_decoder_layers": layers, "d_ff": width})
+        ).eval()
+        small.load_state_dict(backbone.state_dict())  # strict: the partial model has exactly a small T5's layout
+        with torch.no_grad():
+            torch.testing.assert_close(
+                backbone(**inputs, labels=batch["labels"]).logits, small(**inputs, labels=batch["labels"]).logits
+            )
+            generate = {"max_new_tokens": 6, "do_sample": False}
+            assert torch.equal(backbone.generate(**inputs, **generate), small.generate(**inputs, **generate))
+    partial.apply(FULL)
+    assert dict(backbone.named_modules()) == modules  # the very same module objects
+    after = backbone.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+class Probe(Callback):
+    """What each training step and validation batch sees (runs after the FPT callback)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+        self.val_layers: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        prompt = pl_module.prompt.prompt
+        state = trainer.optimizers[0].state.get(prompt, {})
+        self.steps.append(
+            {
+                "layers": len(pl_module.backbone.encoder.block),
+                "width": pl_module.backbone.encoder.block[0].layer[-1].DenseReluDense.wo.in_features,
+                "decoder_layers": len(pl_module.backbone.decoder.block),
+                "prompt": prompt,
+                "in_optimizer": any(p is prompt for g in trainer.optimizers[0].param_groups for p in g["params"]),
+                "optimizer_steps": int(state.get("step", 0)),
+                "start": prompt.detach().clone(),
+                "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            }
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps[-1]["end"] = pl_module.prompt.prompt.detach().clone()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.val_layers.append(len(pl_module.backbone.encoder.block))
+
+
+def fit_with_probe(make_cfg, *overrides: str) -> tuple[ProgressiveTraining, Probe, dict, object]:
+    """Fit `method=fpt` with short stages; the FPT callback, the probe, the backbone before, the system."""
+    cfg = make_cfg(*SHORT, "callbacks.fpt.count_flops=false", *overrides)
+    tokenizer = build_tokenizer(cfg.model.name_or_path)
+    datamodule = build_datamodule(cfg, tokenizer)
+    system = build_system(cfg, datamodule, tokenizer)
+    before = {k: v.clone() for k, v in system.backbone.state_dict().items()}
+    fpt, probe = instantiate(cfg.callbacks.fpt), Probe()
+    trainer = instantiate(
+        cfg.trainer, callbacks=[fpt, probe], logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(system, datamodule=datamodule)
+    return fpt, probe, before, system
+
+
+def test_stages_grow_the_model_and_carry_the_prompt_and_its_optimizer_state(make_cfg):
+    fpt, probe, before, system = fit_with_probe(make_cfg)
+    steps = probe.steps
+    shapes = [(2, 64), (2, 128), (3, 192), (4, 256)]  # encoder layers and FFN width of each stage
+    assert [(s["layers"], s["width"]) for s in steps] == [shape for shape in shapes for _ in range(2)]
+    assert all(s["decoder_layers"] == 4 for s in steps)  # the reference's default reduces the encoder only
+    assert all(s["prompt"] is system.prompt.prompt and s["in_optimizer"] for s in steps)  # one Parameter throughout
+    assert [s["optimizer_steps"] for s in steps] == list(range(8))  # Adafactor's state carries across stages
+    for previous, current in zip(steps, steps[1:], strict=False):
+        assert torch.equal(previous["end"], current["start"])  # values carry
+    assert not torch.equal(steps[0]["start"], steps[2]["start"])  # stage 1 trained the prompt stage 2 starts from
+    assert all(s["lr"] == pytest.approx(0.3) for s in steps)  # constant learning rate, no warmup or decay
+    assert probe.val_layers and set(probe.val_layers) == {4}  # validation always on the full model
+    assert fpt.steps == [2, 2, 2, 2]
+    assert system.backbone.encoder.block is fpt.partial.blocks["encoder"]
+    after = system.backbone.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_validation_on_the_partial_model_when_asked(make_cfg):
+    """validate_on=partial: the epoch ending at step 6 (6 batches; stage 3 of 3-step stages) validates 3 of 4 layers."""
+    _, probe, _, _ = fit_with_probe(make_cfg, "callbacks.fpt.validate_on=partial", "callbacks.fpt.stage_steps=3")
+    assert probe.val_layers == [3]
+
+
+def test_method_fpt_runs_and_reports_stage_flops_below_plain_prompt_tuning(make_cfg):
+    """`python train.py method=fpt` with short stages: the callback comes with the method."""
+    results = run(make_cfg(*SHORT, "callbacks.fpt.stacks=[encoder,decoder]", "callbacks.fpt.flop_batches=1"))
+    assert results["status"] == "completed"
+    cost = results["cost"]
+    assert cost["fpt_stage_steps"] == [2, 2, 2, 2]
+    assert cost["fpt_stages"][0] == "encoder 2/4 layers x 64/256 ffn, decoder 2/4 layers x 64/256 ffn"
+    for flops in (cost["fpt_stage_train_flops"], cost["fpt_stage_inference_flops"]):
+        assert len(flops) == 4 and flops == sorted(flops) and flops[0] < 0.5 * flops[-1]
+    total, full = cost["fpt_train_flops_total"], cost["fpt_train_flops_full"]
+    assert total < full and cost["fpt_train_flops_vs_full"] == pytest.approx(total / full)
+    assert results["config"]["method"]["init"] == "uniform" and results["params"]["trainable"] == 20 * 128
+
+
+def test_prompt_learns_across_stages(make_cfg):
+    """With Adafactor lr 0.3 and 10 steps per stage, the full model starts its stage from what the partial
+    stages learned, and its loss on a fixed batch ends below half the initial one."""
+    torch.manual_seed(0)
+    cfg = make_cfg("method=fpt", *DEEP, "dataset.batch_size=16", *SYNTHETIC)
+    system, batch = build(cfg)
+    partial = PartialT5(system.backbone, ["encoder"])
+    partial.ffn_scores(system, [batch])
+    optimizer = instantiate(cfg.optimizer)(system.param_groups())
+    system.train()
+
+    def loss() -> torch.Tensor:
+        return system(batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
+
+    with torch.no_grad():
+        first = loss().item()
+    losses = []
+    for fraction in (0.25, 0.5, 0.75, 1.0):
+        partial.apply(Shape(fraction, fraction))
+        for _ in range(10):
+            value = loss()
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+            losses.append(value.item())
+    assert partial.shape == FULL and losses[30] < 0.75 * first, (first, losses[::5])
+    assert min(losses[-5:]) <= 0.5 * first, (first, losses[::5])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"reduce": "width"}, "reduce=width is not one of: layers, ffn, both"),
+        ({"stage_steps": [1, 2]}, "one entry per fraction"),
+        ({"stacks": ["encoder", "lm_head"]}, "subset of: encoder, decoder"),
+        ({"fractions": [0.5, 1.5]}, r"shares in \(0, 1\]"),
+    ],
+)
+def test_bad_options_name_the_allowed_values(options, message):
+    with pytest.raises(ValueError, match=message):
+        ProgressiveTraining(**options)
