@@ -140,6 +140,21 @@ GRIDS: dict[str, Grid] = {
             datasets=("boolq", "cb", "rte"),
         ),
         Grid(
+            "family",
+            "SMoP 4x5 next to its relatives on six SuperGLUE tasks: PT-100, DePT (PT-100 budget), IDPG, LoPA,"
+            " LoRA + PT / SMoP, FPT progressive training.",
+            (
+                _smop(4, 5),
+                _pt(100),
+                ("dept", ("method=dept",)),
+                ("idpg", ("method=idpg",)),
+                ("lopa", ("method=lopa",)),
+                ("lora-pt100", ("method=lora_prompt_tuning", "method.prompt_length=100")),
+                ("lora-smop4x5", ("method=lora_smop",)),
+                ("fpt", ("method=fpt",)),
+            ),
+        ),
+        Grid(
             "demo",
             "Routing on CPU: PT 5 and 20 tokens vs SMoP 2x5 and 4x5 on the synthetic mixture, tiny T5.",
             (_pt(5), _pt(20), _smop(2, 5), _smop(4, 5)),
