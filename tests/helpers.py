@@ -18,3 +18,16 @@ def build(cfg: DictConfig) -> tuple[PromptTuningSystem, dict]:
     datamodule = build_datamodule(cfg, tokenizer)
     system = build_system(cfg, datamodule, tokenizer)
     return system, datamodule.collate(datamodule.splits["train"][: datamodule.batch_size])
+
+
+def fit_fixed_batch(system: PromptTuningSystem, batch: dict, optimizer, steps: int) -> list[float]:
+    """Train on one batch for `steps` steps; the losses, to check that a method can learn at all."""
+    system.train()
+    losses = []
+    for _ in range(steps):
+        loss, _, _ = system(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

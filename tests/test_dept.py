@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import SYNTHETIC, build
+from helpers import SYNTHETIC, build, fit_fixed_batch
 from hydra.utils import instantiate
 from torch import nn
 
@@ -102,13 +102,6 @@ def test_fast_dev_run_with_the_reference_optimizer(make_cfg):
 def test_dept_learns(make_cfg):
     system, batch = build(make_cfg(*DEPT, "dataset.batch_size=8", "method.lr=0.3", "method.lr_lowrank=1e-2"))
     optimizer = torch.optim.AdamW(system.param_groups(), lr=0.3)  # the prompt's group has no lr: method.lr applies
-    system.train()
-    losses = []
-    for _ in range(30):
-        loss, _, _ = system(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_fixed_batch(system, batch, optimizer, 30)
     assert min(losses[-5:]) <= 0.5 * losses[0], losses[::10]
     assert system.prompt.lora_b.abs().sum() > 0  # the low-rank pair moved too

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SYNTHETIC, build
+from helpers import SYNTHETIC, build, fit_fixed_batch
 
 from smop.costs import eager_attention, inference_flops
 from smop.run import run
@@ -99,12 +99,5 @@ def test_flop_count_includes_the_extra_encoder_pass(make_cfg):
 def test_loss_on_a_fixed_batch_halves(make_cfg, method, overrides):
     system, batch = build(make_cfg(f"method={method}", *overrides, "dataset.batch_size=8", *SYNTHETIC))
     optimizer = torch.optim.AdamW(system.param_groups(), lr=system.hparams["method"]["lr"])
-    system.train()
-    losses = []
-    for _ in range(30):
-        loss, _, _ = system(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_fixed_batch(system, batch, optimizer, 30)
     assert min(losses[-5:]) <= 0.5 * losses[0], losses[::5]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from helpers import SYNTHETIC, build
+from helpers import SYNTHETIC, build, fit_fixed_batch
 from hydra.utils import instantiate
 
 from smop.backbones import build_tokenizer
@@ -34,14 +34,7 @@ def test_loss_on_a_fixed_batch_halves(make_cfg, overrides):
     system, batch = build(make_cfg(*overrides, "dataset.batch_size=16", *SYNTHETIC))
     lr = LEARNING_RATES.get(overrides[0], 0.1)
     optimizer = torch.optim.AdamW([p for p in system.parameters() if p.requires_grad], lr=lr)
-    system.train()
-    losses = []
-    for _ in range(STEPS):
-        loss, _, _ = system(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_fixed_batch(system, batch, optimizer, STEPS)
     assert min(losses[-5:]) <= 0.5 * losses[0], losses[::10]
 
 
