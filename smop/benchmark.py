@@ -494,24 +494,28 @@ class Bench:
         gc.collect()  # the previous variant's objects, before this one is built and measured
         runner = self.build(name, task)
         try:
+            before = 0
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(self.device)
+                before = torch.cuda.memory_allocated(self.device)
             if runner.run is not None:
                 times, cpu_times = runner.run(setting.batches, cfg.warmup_steps), None
             else:
                 times, cpu_times = timed_steps(runner.step, setting.batches, cfg.warmup_steps, self.device)
-            memory = None
+            memory = step_memory = None
             if self.device.type == "cuda":
                 memory = torch.cuda.max_memory_allocated(self.device)
+                step_memory = memory - before
             elif runner.run is None and cfg.memory_steps > 0 and first:
                 resident = resident_bytes(runner.modules, runner.optimizer)
                 with LiveTensorBytes() as tracker:
                     for batch in setting.batches[: cfg.memory_steps]:
                         runner.step(batch)
-                memory = resident + tracker.peak
+                memory, step_memory = resident + tracker.peak, tracker.peak
             result = {"runner": self.specs[name].runner, "trainable_params": runner.trainable,
-                      **self.summarise(times, cpu_times), "peak_memory_bytes": memory}
+                      **self.summarise(times, cpu_times), "peak_memory_bytes": memory,
+                      "step_memory_bytes": step_memory}
             if runner.system is not None and first:
                 result.update(count_flops(runner, setting.batches[: cfg.flops_batches], cfg.flops_rows))
             return result
@@ -538,6 +542,8 @@ def pipeline_comparison(bench: Bench, rows: TaskRows) -> dict[str, Any]:
     against padding every batch to max_length. One untimed warm-up step first."""
     cfg = bench.cfg.pipeline
     name = cfg.variant
+    if bench.specs[name].runner not in ("ours", "peft", "bare"):
+        raise ValueError(f"benchmark.pipeline.variant={name}: needs a plain-loop variant (runner ours, peft or bare)")
     budget = bench.cfg.max_length - int(bench.roots[name].method.get("prompt_length", 0))
     modes = {"dynamic": rows.collate, "max_length": padded_collate(rows.collate, budget, rows.pad_id)}
     result: dict[str, Any] = {"variant": name, "task": rows.task.name, "max_length_input": budget}
@@ -579,6 +585,7 @@ def compare(variants: dict[str, dict[str, Any]], names: DictConfig) -> dict[str,
     out = {
         "smop_over_pt_step_time": ratio(get("smop", "step_time_s_median"), get("pt", "step_time_s_median")),
         "smop_over_pt_memory": ratio(get("smop", "peak_memory_bytes"), get("pt", "peak_memory_bytes")),
+        "smop_over_pt_step_memory": ratio(get("smop", "step_memory_bytes"), get("pt", "step_memory_bytes")),
         "smop_over_pt_flops": ratio(get("smop", "inference_flops_per_example"),
                                     get("pt", "inference_flops_per_example")),
         "ours_over_peft_step_time": ratio(get("pt", "step_time_s_median"), get("peft", "step_time_s_median")),
@@ -602,9 +609,13 @@ def compare(variants: dict[str, dict[str, Any]], names: DictConfig) -> dict[str,
 TARGETS = {"smop_over_pt_step_time": 0.85, "smop_over_pt_memory": 0.77, "smop_over_pt_flops": 0.73,
            "ours_over_peft_step_time": 1.00}
 RATIO_LABELS = {
-    "smop_over_pt_step_time": "SMoP/PT-100 time", "smop_over_pt_memory": "SMoP/PT-100 memory",
-    "smop_over_pt_flops": "SMoP/PT-100 FLOPs", "ours_over_peft_step_time": "ours/peft time",
-    "ours_over_bare_step_time": "ours/bare time", "lightning_over_plain_step_time": "Lightning/plain time",
+    "smop_over_pt_step_time": "SMoP/PT-100 time",
+    "smop_over_pt_memory": "SMoP/PT-100 memory",
+    "smop_over_pt_step_memory": "SMoP/PT-100 step memory",
+    "smop_over_pt_flops": "SMoP/PT-100 FLOPs",
+    "ours_over_peft_step_time": "ours/peft time",
+    "ours_over_bare_step_time": "ours/bare time",
+    "lightning_over_plain_step_time": "Lightning/plain time",
     "flops_delta_rel_error": "analytic check (rel. err.)",
 }
 CPU_RATIO_LABELS = {"smop_over_pt_cpu_time": "SMoP/PT-100", "ours_over_peft_cpu_time": "ours/peft",
@@ -620,21 +631,24 @@ def _fmt(value: Any, kind: str) -> str:
 
 
 def memory_header(kind: str) -> str:
-    return ("Peak MiB: torch.cuda.max_memory_allocated over the training steps" if kind == "cuda_max_allocated" else
-            "Peak MiB (CPU): weights + optimizer state + the peak of tensors alive at once during a step "
-            "(tracked at the dispatcher; no CUDA counter exists on CPU)")
+    if kind == "cuda_max_allocated":
+        return ("Peak MiB: torch.cuda.max_memory_allocated over the training steps; step MiB: that peak minus "
+                "what was allocated before the first step (the steps' own memory)")
+    return ("Peak MiB (CPU): weights + gradients + optimizer state + step MiB, the peak of tensors alive at once "
+            "during a step (tracked at the dispatcher; no CUDA counter exists on CPU)")
 
 
 def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """Title, header, rows of every table: one per setting, the ratios, the data pipeline."""
     out = []
     header = ["variant", "trainable", "step ms", "IQR", "min ms", "CPU ms", "examples/s", "peak MiB",
-              "GFLOPs/ex fvcore", "GFLOPs/ex analytic"]
+              "step MiB", "GFLOPs/ex fvcore", "GFLOPs/ex analytic"]
     for setting in report["settings"]:
         rows = [[name, _fmt(v["trainable_params"], "int"), _fmt(v["step_time_s_median"], "ms"),
                  f"{v['step_time_iqr_rel'] * 100:.0f}%", _fmt(v["step_time_s_min"], "ms"),
                  _fmt(v.get("step_cpu_s_median"), "ms"),
                  _fmt(v["examples_per_s"], "rate"), _fmt(v["peak_memory_bytes"], "mib"),
+                 _fmt(v["step_memory_bytes"], "mib"),
                  _fmt(v.get("inference_flops_per_example"), "gflops"),
                  _fmt(v.get("analytic_flops_per_example"), "gflops")] for name, v in setting["variants"].items()]
         shape = setting["shape"]
@@ -763,10 +777,12 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
                 result = bench.measure(name, setting, task, first=round_index == 0)
                 if variants[name]:
                     earlier = variants[name]
-                    memory = [m for m in (earlier["peak_memory_bytes"], result["peak_memory_bytes"]) if m]
                     cpu = earlier["step_cpu_s"] + result["step_cpu_s"] if earlier["step_cpu_s"] else None
-                    result = {**earlier, **bench.summarise(earlier["step_times_s"] + result["step_times_s"], cpu),
-                              "peak_memory_bytes": max(memory) if memory else None}
+                    pooled = {**earlier, **bench.summarise(earlier["step_times_s"] + result["step_times_s"], cpu)}
+                    for key in ("peak_memory_bytes", "step_memory_bytes"):
+                        values = [m for m in (earlier[key], result[key]) if m is not None]
+                        pooled[key] = max(values) if values else None
+                    result = pooled
                 variants[name] = result
         lengths = rows.lengths if setting.kind == "real" else "random ids"
         report["settings"].append({"name": setting.name, "kind": setting.kind, "lengths": lengths,

@@ -56,7 +56,7 @@ class PromptTuningSystem(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(config or {})  # the plain resolved config: loads with weights_only=True
-        self.backbone = backbone if train_backbone else freeze(backbone)
+        self.backbone = backbone.requires_grad_(True) if train_backbone else freeze(backbone)
         lora = dict(lora or {})
         self.adapter_lr = lora.pop("lr", None)
         if lora:  # LoRA + X: trainable adapters inside the frozen backbone

@@ -64,7 +64,7 @@ def test_benchmark_runs_end_to_end_on_tiny_t5_and_reports_every_variant(tmp_path
         ratios = setting["ratios"]
         assert ratios["smop_over_pt_flops"] < 1
         assert ratios["flops_delta_rel_error"] < 0.01  # fvcore's SMoP vs PT-100 difference = the analytic count
-        assert ratios["smop_over_pt_memory"] < 1  # 95 fewer tokens of activations
+        assert ratios["smop_over_pt_memory"] < 1 and ratios["smop_over_pt_step_memory"] < 1  # 95 fewer tokens
     assert report["settings"][0]["lengths"].startswith("real ids")
     assert report["pipeline"]["dynamic"]["examples"] == report["pipeline"]["max_length"]["examples"] == 8
 

@@ -273,7 +273,9 @@ def test_failing_jobs_do_not_stop_the_others(tmp_path):
     assert report.completed == ["ok-synthetic_mixture-s0"]
     assert set(report.failed) == {"bad-synthetic_mixture-s0", "crash-synthetic_mixture-s0"}
     assert "no_such_method" in report.failed["bad-synthetic_mixture-s0"]
-    assert "no results.json" in report.failed["crash-synthetic_mixture-s0"]
+    assert "no_such_device" in report.failed["crash-synthetic_mixture-s0"]  # the reason, from its results.json
+    crashed = json.loads(next(tmp_path.glob("crash-*/results.json")).read_text())
+    assert crashed["status"] == "failed"
     manifest = json.loads((tmp_path / "sweep.json").read_text())
     assert {name: job["status"] for name, job in manifest["jobs"].items()} == {
         "bad-synthetic_mixture-s0": "failed",
