@@ -46,7 +46,7 @@ from transformers import PreTrainedTokenizerBase, T5Config, T5ForConditionalGene
 
 from smop.backbones import build_tokenizer, freeze
 from smop.checks import CONFIG_DIR, method_routes
-from smop.costs import eager_attention, inference_flops
+from smop.costs import eager_attention, inference_flops, sync
 from smop.data.tasks import Task
 from smop.module import PromptTuningSystem
 from smop.prompts import PTuning, SparseMixtureOfPrompts
@@ -221,11 +221,6 @@ def resident_bytes(modules: list[nn.Module], optimizer: torch.optim.Optimizer | 
 
 
 # --- variants ---------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_steps(step: Callable[[Batch], None], batches: list[Batch], warmup: int,
                 device: torch.device) -> tuple[list[float], list[float]]:
     """Wall time and process CPU time of each step after the first `warmup`, synchronised with the device.

@@ -54,7 +54,8 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return rss if sys.platform == "darwin" else rss * 1024, "cpu_peak_rss"
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that wall-clock timings cover it; a no-op elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -74,12 +75,12 @@ class TrainingCost(Callback):
         reset_peak_memory(pl_module.device)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _sync(pl_module.device)
+        sync(pl_module.device)
         self._epoch_start = time.perf_counter()
 
     def _pause(self, pl_module: L.LightningModule) -> None:
         if self._epoch_start is not None:
-            _sync(pl_module.device)
+            sync(pl_module.device)
             self.train_time += time.perf_counter() - self._epoch_start
             self._epoch_start = None
 
@@ -96,13 +97,13 @@ class TrainingCost(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        _sync(pl_module.device)
+        sync(pl_module.device)
         self._step_start = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        _sync(pl_module.device)
+        sync(pl_module.device)
         self.step_times.append(time.perf_counter() - self._step_start)
         self.examples += batch["input_ids"].shape[0]
 
