@@ -31,6 +31,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import OmegaConf
 
+from smop.plugins import MissingPluginError, guess_packages, require_plugins
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "configs"
 TRAIN = ROOT / "train.py"
@@ -44,16 +46,6 @@ TASKS = ("boolq", "cb", "copa", "multirc", "rte", "wic")
 ROUTERS = ("top1_perturbed", "top1", "top2", "gumbel", "stochastic", "single")
 # Keys sweep.py sets itself: giving them would send jobs to folders where resume cannot find them.
 RESERVED = ("hydra.sweep.dir", "hydra.sweep.subdir", "hydra.searchpath", "hydra.mode", JOB_GROUP)
-# Launcher and sweeper configs come from plugin packages: name the one to install when it is missing.
-PLUGINS = {
-    "joblib": "hydra-joblib-launcher",
-    "submitit": "hydra-submitit-launcher",
-    "ray": "hydra-ray-launcher",
-    "rq": "hydra-rq-launcher",
-    "optuna": "hydra-optuna-sweeper",
-    "ax": "hydra-ax-sweeper",
-    "nevergrad": "hydra-nevergrad-sweeper",
-}
 
 
 class SweepError(Exception):
@@ -207,7 +199,12 @@ def check_extra(grid: Grid, extra: Sequence[str]) -> None:
                 f"{override.input_line}: give one value per override; a grid's jobs are fixed "
                 "(run the grid again with another --sweep-dir for another value)"
             )
-        if key in RESERVED or key.startswith("hydra.sweeper"):
+        if key in ("hparams_search", "hydra/sweeper") or key.startswith("hydra.sweeper"):
+            raise SweepError(
+                f"{override.input_line}: a grid is a fixed list of jobs; a hyperparameter search is its own "
+                f"multirun: python train.py hparams_search=smop_optuna ... (docs/sweeps.md)"
+            )
+        if key in RESERVED:
             raise SweepError(f"{override.input_line}: sweep.py sets {key} itself (use --sweep-dir)")
         if key in job_keys:
             hint = {"seed": "--seeds", "dataset": "--datasets"}.get(key, "another grid")
@@ -275,19 +272,24 @@ def save_manifest(sweep_dir: Path, manifest: dict[str, Any]) -> None:
 
 # --- checks before launching --------------------------------------------------------------------------
 def check_launcher(extra: Sequence[str]) -> None:
-    """A launcher config that is not found almost always means its plugin package is not installed."""
+    """A launcher or sweeper whose plugin is missing, or a launcher config that is not found, stops sweep.py
+    before anything runs, with the package to install."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import MissingConfigException
 
+    try:
+        require_plugins(extra)
+    except MissingPluginError as err:
+        raise SweepError(str(err)) from err
     hydra_overrides = [o for o in extra if is_hydra(o)]
     if not hydra_overrides:
         return
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         try:
             compose("train.yaml", overrides=hydra_overrides, return_hydra_config=True)
-        except MissingConfigException as err:
-            plugins = {pkg for name, pkg in PLUGINS.items() if any(name in o for o in hydra_overrides)}
-            hint = f" Install it: pip install {' '.join(sorted(plugins))}" if plugins else ""
+        except MissingConfigException as err:  # a name the plugin table does not know (another plugin, a typo)
+            packages = sorted({p for o in parse(hydra_overrides) for p in guess_packages(str(o.value()))})
+            hint = f" Install it: pip install {' '.join(packages)}" if packages else ""
             raise SweepError(
                 f"{' '.join(hydra_overrides)} needs a Hydra plugin that is not installed.{hint}\n(Hydra: {err})"
             ) from err
