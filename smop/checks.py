@@ -62,8 +62,22 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
             f"dataset.max_length={data.max_length} leaves no room for input after a "
             f"{prompt_length}-token prompt (method.prompt_length)"
         )
-    if not cfg.train:
-        if not cfg.get("ckpt_path"):
-            raise ValueError("train=false evaluates a checkpoint: give ckpt_path=/path/to/checkpoint.ckpt")
-        if not Path(cfg.ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+    if not cfg.train and not cfg.get("ckpt_path"):
+        raise ValueError("train=false evaluates a checkpoint: give ckpt_path=/path/to/checkpoint.ckpt")
+    if cfg.get("ckpt_path") and cfg.ckpt_path != "last":
+        check_checkpoint(cfg.ckpt_path)
+
+
+def check_checkpoint(path: str) -> None:
+    """A file that torch can load safely (weights_only) and that holds our keys: not truncated, not foreign."""
+    import torch
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ckpt_path={path} does not exist (ckpt_path=last resumes from this run's folder)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated zip, a pickle of arbitrary objects, not a checkpoint at all
+        raise ValueError(f"ckpt_path={path} is not a readable checkpoint (corrupt or truncated?): {err}") from err
+    missing = [key for key in ("state_dict", "hyper_parameters") if key not in checkpoint]
+    if missing:
+        raise ValueError(f"ckpt_path={path} is not a checkpoint of this framework: it lacks {', '.join(missing)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -124,9 +125,22 @@ class PromptTuningSystem(L.LightningModule):
         if weight > 0:  # stochastic routing: a second pass with other random prompts, and agreement between them
             loss_b, logits_b, _ = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
             loss = loss + loss_b + weight * consistency_loss(logits, logits_b, batch["labels"])
+        self._stop_if_not_finite(loss)
         self._count_routes("train", out)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def _stop_if_not_finite(self, loss: Tensor) -> None:
+        """Stop before a NaN/inf loss reaches the weights; every rank stops together (one all-reduce under DDP)."""
+        bad = not bool(torch.isfinite(loss.detach()))
+        if self._trainer is not None and self._trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
+                "stopped before the update. The checkpoints saved so far are intact; lower the learning rate "
+                "(method.lr) or clip gradients (trainer.gradient_clip_val=1.0)."
+            )
 
     def _eval_step(self, split: str, batch: dict[str, Tensor]) -> None:
         preds, out = self.predict_labels(batch["input_ids"], batch["attention_mask"])
@@ -148,12 +162,15 @@ class PromptTuningSystem(L.LightningModule):
         if _key(split) in self.task_metrics:
             metrics = self.task_metrics[_key(split)]
             values = metrics.compute()
-            self.log_dict({f"{split}/{name}": value for name, value in values.items()}, prog_bar=split == "val")
+            self.log_dict(  # computed over every rank's examples by torchmetrics; sync_dist: see below
+                {f"{split}/{name}": value for name, value in values.items()}, prog_bar=split == "val", sync_dist=True
+            )
             metrics.reset()
         if self.routing is not None:
             counts = self.routing[_key(split)].compute().reshape(-1)  # torchmetrics squeezes K=1
             self.routing_counts[split] = counts.tolist()
-            self.log_dict({f"routing/{split}/prompt_{k}": c.float() for k, c in enumerate(counts)})
+            # already summed over ranks by the Metric; sync_dist averages equal values (and silences Lightning)
+            self.log_dict({f"routing/{split}/prompt_{k}": c.float() for k, c in enumerate(counts)}, sync_dist=True)
             self.routing[_key(split)].reset()
 
     def on_train_epoch_end(self) -> None:
@@ -190,12 +207,21 @@ class PromptTuningSystem(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["rng"] = rng_state()  # a resumed run draws the same noise as an uninterrupted one
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another method or shape, saying what does not match."""
+        """Refuse a checkpoint of another model, method or shape, saying what does not match."""
         saved, expected = set(checkpoint.get("state_dict", {})), self.trainable_keys()
         own = self.state_dict()
-        problems = []
+        saved_config = checkpoint.get("hyper_parameters", {})
+        problems = [
+            f"{what}: checkpoint {saved_value!r} != this run {own_value!r}"
+            for what, saved_value, own_value in (
+                ("model", _select(saved_config, "model"), _select(self.hparams, "model")),
+                ("method", _select(saved_config, "method", "name"), _select(self.hparams, "method", "name")),
+            )
+            if saved_value is not None and own_value is not None and saved_value != own_value
+        ]
         if expected - saved:
             problems.append(f"missing trainable weights {sorted(expected - saved)[:5]}")
         if saved - set(own):
@@ -206,7 +232,35 @@ class PromptTuningSystem(L.LightningModule):
             if checkpoint["state_dict"][k].shape != own[k].shape
         ]
         if problems:
-            saved_method = checkpoint.get("hyper_parameters", {}).get("method", {}).get("name", "?")
+            saved_method = _select(saved_config, "method", "name") or "?"
             raise ValueError(
                 f"Checkpoint does not match this model (saved method: {saved_method}): " + "; ".join(problems)
             )
+        if self._trainer is not None and self._trainer.training and "rng" in checkpoint:  # `.trainer` raises if unset
+            set_rng_state(checkpoint["rng"])
+
+
+def _select(config: Any, *keys: str) -> Any:
+    """config[k1][k2]... or None; `model` compares the name and, for the tiny T5, its dimensions."""
+    for key in keys:
+        if not hasattr(config, "get"):
+            return None
+        config = config.get(key)
+    if keys == ("model",) and config is not None:
+        return {"name_or_path": config.get("name_or_path"), "tiny": config.get("tiny")}
+    return config
+
+
+def rng_state() -> dict[str, Any]:
+    """Python's and torch's (CPU, CUDA) random states: plain tensors and ints, loadable with weights_only=True."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

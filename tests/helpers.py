@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
+import torch
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from smop.backbones import build_tokenizer
@@ -31,3 +36,40 @@ def fit_fixed_batch(system: PromptTuningSystem, batch: dict, optimizer, steps: i
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+class SigtermAt(Callback):
+    """Sends this process a real SIGTERM after a given optimizer step or at the end of a given epoch."""
+
+    def __init__(self, step: int | None = None, epoch_end: int | None = None) -> None:
+        self.step, self.epoch_end = step, epoch_end
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch_end:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class FirstStep(Callback):
+    """Records the optimizer step a (resumed) fit starts at."""
+
+    first: int | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if FirstStep.first is None:
+            FirstStep.first = trainer.global_step
+
+
+class PoisonPromptAt(Callback):
+    """Turns the prompt into NaN before a given step: the loss of that step is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.prompt.parameters()).fill_(float("nan"))

@@ -58,7 +58,7 @@ def test_fast_dev_run_every_router(make_cfg, router, tmp_path):
 
 def test_tensorboard_and_csv_loggers_write_their_files(make_cfg, tmp_path):
     run(make_cfg("logger=[csv,tensorboard]", "trainer.max_epochs=1", "trainer.limit_train_batches=2", *SYNTHETIC))
-    assert (tmp_path / "csv" / "metrics.csv").is_file()
+    assert (tmp_path / "csv" / "version_0" / "metrics.csv").is_file()
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
 
 

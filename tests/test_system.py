@@ -7,6 +7,7 @@ import torch
 from helpers import SYNTHETIC, build
 
 from smop.module import consistency_loss
+from smop.run import run
 
 METHODS = ["smop", "prompt_tuning", "p_tuning"]
 
@@ -84,6 +85,31 @@ def test_mismatched_checkpoint_is_refused_with_what_differs(make_cfg):
         smop.on_load_checkpoint(checkpoint)
     with pytest.raises(ValueError, match="missing trainable weights"):
         pt.on_load_checkpoint(checkpoint)
+
+
+def test_checkpoint_of_another_backbone_is_refused_even_with_equal_shapes(make_cfg):
+    """Same trainable shapes, other frozen model (2 layers instead of 1): the prompt would be meaningless."""
+    one_layer, _ = build(make_cfg(*SYNTHETIC))
+    two_layers, _ = build(make_cfg("model.tiny.num_layers=2", *SYNTHETIC))
+    checkpoint = {"state_dict": two_layers.state_dict(), "hyper_parameters": dict(two_layers.hparams)}
+    two_layers.on_save_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match="model: checkpoint .*num_layers.: 2.* != this run .*num_layers.: 1"):
+        one_layer.on_load_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", b"not a checkpoint at all"])
+def test_corrupt_checkpoint_is_refused_before_anything_is_built(make_cfg, tmp_path, content):
+    path = tmp_path / "broken.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="broken.ckpt is not a readable checkpoint"):
+        run(make_cfg("train=false", f"ckpt_path={path}", *SYNTHETIC))
+
+
+def test_foreign_checkpoint_is_refused(make_cfg, tmp_path):
+    path = tmp_path / "foreign.ckpt"
+    torch.save({"model": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="lacks state_dict, hyper_parameters"):
+        run(make_cfg(f"ckpt_path={path}", *SYNTHETIC))
 
 
 def test_consistency_loss_is_zero_for_equal_logits_and_symmetric():

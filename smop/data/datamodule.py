@@ -7,8 +7,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from smop.data.sources import SOURCES, load_split_records
@@ -33,8 +34,9 @@ def split_train_val(labels: list[Any], val_fraction: float, seed: int) -> tuple[
     return sorted(train), sorted(val)
 
 
-def encode(task: Task, tokenizer: PreTrainedTokenizerBase, examples: list[dict[str, Any]], budget: int) -> list[
-        list[int]]:
+def encode(
+    task: Task, tokenizer: PreTrainedTokenizerBase, examples: list[dict[str, Any]], budget: int
+) -> list[list[int]]:
     """Token ids of each formatted example, at most `budget` long (EOS included).
 
     A too-long example first loses tokens from its long field (`task.truncate_field`, e.g. the passage),
@@ -57,6 +59,21 @@ def encode(task: Task, tokenizer: PreTrainedTokenizerBase, examples: list[dict[s
             ids = ids[: budget - 1] + [tokenizer.eos_token_id]
         encoded[i] = ids
     return encoded
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can skip the examples of one epoch that a checkpoint had already trained on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_epoch, self.skip = -1, 0
+
+    def resume(self, epoch: int, skip: int) -> None:
+        self.resume_epoch, self.skip = epoch, skip
+
+    def __iter__(self):  # noqa: ANN204 - the parent's signature
+        indices = list(super().__iter__())  # runs at the first batch, after Lightning's set_epoch
+        return iter(indices[self.skip :] if self.epoch == self.resume_epoch else indices)
 
 
 class SuperGLUEDataModule(L.LightningDataModule):
@@ -83,21 +100,26 @@ class SuperGLUEDataModule(L.LightningDataModule):
         split_seed: int = 0,
         num_workers: int = 0,
         synthetic: dict[str, Any] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
         if max_length <= prompt_length + 1:
-            raise ValueError(f"dataset.max_length={max_length} leaves no room for the input after a "
-                             f"{prompt_length}-token prompt")
-        self.task = Task(name, template, list(label_words), list(label_names or []), list(metrics or ["accuracy"]),
-                         truncate_field)
+            raise ValueError(
+                f"dataset.max_length={max_length} leaves no room for the input after a {prompt_length}-token prompt"
+            )
+        self.task = Task(
+            name, template, list(label_words), list(label_names or []), list(metrics or ["accuracy"]), truncate_field
+        )
         self.tokenizer = tokenizer
         self.source, self.data_dir, self.hub_name, self.hub_config = source, data_dir, hub_name, hub_config
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.budget = max_length - prompt_length
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.synthetic = dict(synthetic or {})
+        self.seed = seed
+        self._resume: dict[str, int] | None = None
         self.splits: dict[str, list[dict[str, Any]]] = {}
 
     @property
@@ -152,15 +174,52 @@ class SuperGLUEDataModule(L.LightningDataModule):
             "group": torch.tensor([row["group"] for row in rows]),
         }
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(self, split: str, batch_size: int, sampler: DistributedSampler) -> DataLoader:
+        return DataLoader(
+            self.splits[split],
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            # its own generator: starting an iterator must not draw from the global RNG (router noise), or a
+            # resumed run, which starts its iterators at other moments, would draw other noise
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        """Shuffled by (seed, epoch) alone, not by the global RNG: a resumed run sees the same order as an
+        uninterrupted one, and N ranks with batch b see the batches of one process with batch N*b."""
+        world, rank = self._world()
+        sampler = ResumableSampler(self.splits["train"], num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        if self._resume is not None:
+            sampler.resume(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+            self._resume = None
+        return self._loader("train", self.batch_size, sampler)
+
+    def state_dict(self) -> dict[str, int]:
+        """How far the current epoch got, so that a mid-epoch checkpoint resumes at the next batch."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return {"epoch": trainer.current_epoch, "batches": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state) if state else None
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        """Each rank evaluates its own share, and no example twice (DistributedSampler would pad with repeats)."""
+        world, rank = self._world()
+        sampler = UnrepeatedDistributedSampler(self.splits[split], num_replicas=world, rank=rank, shuffle=False)
+        return self._loader(split, self.eval_batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        return self._eval_loader("test")
