@@ -20,6 +20,7 @@ from smop.data import SuperGLUEDataModule
 from smop.module import PromptTuningSystem
 from smop.prompts.base import PromptModule
 from smop.results import print_summary, versions, write_results
+from smop.wandb_logging import finish_wandb, wandb_callbacks
 
 log = logging.getLogger(__name__)
 # The frozen backbone is in eval mode on purpose (no dropout in weights that do not train).
@@ -130,6 +131,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         datamodule = build_datamodule(cfg, tokenizer)
         system = build_system(cfg, datamodule, tokenizer)
         callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
+        callbacks += wandb_callbacks(loggers)  # routing histograms, when a WandbLogger is configured
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         results["params"] = count_parameters(system)
         log.info("parameters: {trainable:,} trainable / {total:,} total".format(**results["params"]))
@@ -153,6 +155,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["routing"]["counts"] = dict(system.routing_counts) if system is not None else {}
         if rank_zero_only.rank == 0:  # one results.json per run, also under DDP
             write_results(cfg.paths.output_dir, results)
+            finish_wandb(callbacks, results)  # final tables, then wandb.finish(): multirun jobs never merge
             if results["status"] == "completed":
                 print_summary(results)
     return results
