@@ -128,16 +128,25 @@ class TrainingCost(Callback):
 
 @contextmanager
 def eager_attention(model: nn.Module):
-    """Count attention: neither fvcore nor FlopCounterMode sees the matmuls inside SDPA kernels."""
+    """Count attention: neither fvcore nor FlopCounterMode sees the matmuls inside SDPA kernels.
+
+    Every sub-model's config is switched, not only the top one: T5's encoder and decoder hold their own copies,
+    and `set_attn_implementation` of some transformers releases (5.17) leaves those on SDPA.
+    """
     backbone = getattr(model, "backbone", model)
-    previous = getattr(backbone.config, "_attn_implementation", None)
-    if previous not in (None, "eager") and hasattr(backbone, "set_attn_implementation"):
-        backbone.set_attn_implementation("eager")
+    configs = {
+        id(m.config): m.config
+        for m in backbone.modules()
+        if hasattr(getattr(m, "config", None), "_attn_implementation")
+    }
+    previous = {key: config._attn_implementation for key, config in configs.items()}
+    for config in configs.values():
+        config._attn_implementation = "eager"
     try:
         yield
     finally:
-        if previous not in (None, "eager") and hasattr(backbone, "set_attn_implementation"):
-            backbone.set_attn_implementation(previous)
+        for key, config in configs.items():
+            config._attn_implementation = previous[key]
 
 
 class _InferenceForward(nn.Module):

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from smop.backbones import build_backbone, build_tokenizer
 from smop.checks import check_config, method_routes
 from smop.data import SuperGLUEDataModule
+from smop.distributed import isolated_job, launch_ranks_per_job
 from smop.module import PromptTuningSystem
 from smop.prompts.base import PromptModule
 from smop.results import print_summary, versions, write_results
@@ -32,16 +33,20 @@ def choice(group: str) -> str | None:
     return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
 
-def build_datamodule(cfg: DictConfig, tokenizer: Any) -> SuperGLUEDataModule:
-    """Read, split and tokenize the data now, so a malformed file fails before the model is built."""
+def build_datamodule(cfg: DictConfig, tokenizer: Any, setup: bool = True) -> SuperGLUEDataModule:
+    """Read, split and tokenize the data now, so a malformed file fails before the model is built.
+
+    `setup=False` reads nothing: the task and the training's truncation, for labelling new inputs (smop.predict)."""
     options = {k: v for k, v in cfg.dataset.items() if k != "epochs"}  # `epochs` is read by the trainer config
     datamodule = instantiate(
         OmegaConf.create(options),
         tokenizer=tokenizer,
         prompt_length=cfg.method.get("prompt_length", 0),
+        seed=cfg.seed,
         _convert_="all",
     )
-    datamodule.setup()
+    if setup:
+        datamodule.setup()
     return datamodule
 
 
@@ -109,6 +114,11 @@ def best_checkpoint(callbacks: list[Callback]) -> tuple[str | None, int | None]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train (or only evaluate) one configuration and write its results.json, also when it fails."""
+    with isolated_job():  # a multirun's next job in this process starts clean of this job's DDP state
+        return run_job(cfg)
+
+
+def run_job(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {
         "method": cfg.method.name,
         "router": choice("router") if cfg.get("router") is not None else None,
@@ -126,6 +136,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     system, callbacks = None, []
     try:
         check_config(cfg, choice("router"))
+        launch_ranks_per_job()
         L.seed_everything(cfg.seed, workers=True)
         tokenizer = build_tokenizer(cfg.model.name_or_path)
         datamodule = build_datamodule(cfg, tokenizer)
