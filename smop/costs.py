@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from fvcore.nn import FlopCountAnalysis
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -208,6 +209,10 @@ class FlopCounter(Callback):
     def _count(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.figures or trainer.datamodule is None:
             return
+        if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy):
+            # sharded weights cannot be traced module by module; FLOPs per example do not depend on the strategy
+            self.figures["flops_note"] = "not counted under sharded training; run once with trainer=gpu to count"
+            return
         rng = torch.get_rng_state()  # counting must not change the run's random stream (loader seed, noise)
         # The first batches in file order, unshuffled: every method and seed is counted on the same inputs.
         loader = trainer.datamodule.train_dataloader()
@@ -227,7 +232,7 @@ class FlopCounter(Callback):
             float(b["attention_mask"].sum(1).float().mean()) for b in batches
         )
         for logger in trainer.loggers:
-            logger.log_metrics({f"cost/{k}": v for k, v in self.figures.items()})
+            logger.log_metrics({f"cost/{k}": v for k, v in self.figures.items() if isinstance(v, float)})
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._count(trainer, pl_module)

@@ -19,16 +19,24 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation.replace("_", ""))
 
 
-def normalize(text: str) -> str:
+def normalize(text: str, articles: bool = True) -> str:
     """Lower-case, drop punctuation (but not the underscore of `not_entailment`) and articles, squeeze spaces."""
-    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
+    text = text.lower().translate(_PUNCTUATION)
+    if articles:
+        text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
 
 def to_label_index(outputs: list[str], label_words: list[str]) -> Tensor:
-    """Index of the label word each output matches after normalisation, -1 where none matches."""
-    lookup = {normalize(word): i for i, word in enumerate(label_words)}
-    return torch.tensor([lookup.get(normalize(text), -1) for text in outputs], dtype=torch.long)
+    """Index of the label word each output matches after normalisation, -1 where none matches.
+
+    Articles are kept when a label word is one (the synthetic task's "A"): else "A" and an empty output would
+    both normalise to "" and an empty output would count as that label. An empty output matches nothing.
+    """
+    articles = all(normalize(word) for word in label_words)
+    lookup = {normalize(word, articles): i for i, word in enumerate(label_words)}
+    keys = [normalize(text, articles) for text in outputs]
+    return torch.tensor([lookup.get(key, -1) if key else -1 for key in keys], dtype=torch.long)
 
 
 class MacroF1(MulticlassF1Score):

@@ -21,6 +21,7 @@ from smop.metrics import RoutingCounts, TaskMetrics, to_label_index
 from smop.prompts.base import PromptModule, PromptOutput
 
 SPLITS = ("train", "val", "test")
+FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
 # ModuleDict keys may not shadow nn.Module attributes (`train`), hence the "_split" suffix.
@@ -202,7 +203,11 @@ class PromptTuningSystem(L.LightningModule):
 
     # --- checkpoints hold the trainable weights only -----------------------------------------------
     def trainable_keys(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+        """Names as in a (full) state dict: FSDP's wrapper prefixes are not part of them."""
+        return {name.replace(FSDP_PREFIX, "") for name, p in self.named_parameters() if p.requires_grad}
+
+    def _sharded(self) -> bool:
+        return any(FSDP_PREFIX in name for name, _ in self.named_parameters())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_keys()
@@ -212,7 +217,8 @@ class PromptTuningSystem(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model, method or shape, saying what does not match."""
         saved, expected = set(checkpoint.get("state_dict", {})), self.trainable_keys()
-        own = self.state_dict()
+        # under FSDP the weights are flat shards: shapes are compared by the strategy's own loading
+        own = {} if self._sharded() else self.state_dict()
         saved_config = checkpoint.get("hyper_parameters", {})
         problems = [
             f"{what}: checkpoint {saved_value!r} != this run {own_value!r}"
@@ -222,9 +228,10 @@ class PromptTuningSystem(L.LightningModule):
             )
             if saved_value is not None and own_value is not None and saved_value != own_value
         ]
-        if expected - saved:
+        # FSDP's strategy loads the weights itself and hands the hooks a checkpoint without them
+        if "state_dict" in checkpoint and expected - saved:
             problems.append(f"missing trainable weights {sorted(expected - saved)[:5]}")
-        if saved - set(own):
+        if own and saved - set(own):
             problems.append(f"unknown weights {sorted(saved - set(own))[:5]}")
         problems += [
             f"{k}: checkpoint shape {tuple(checkpoint['state_dict'][k].shape)} != model {tuple(own[k].shape)}"

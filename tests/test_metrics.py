@@ -158,3 +158,9 @@ def test_routing_counts() -> None:
     counts.update(torch.tensor([0, 2, 2]))
     counts.update(torch.tensor([[3], [2]]))
     assert counts.compute().tolist() == [1, 0, 3, 1]
+
+
+def test_an_empty_output_is_no_label_even_when_a_label_word_is_an_article():
+    """The synthetic task's labels are "A" and "B": "A" must not normalise away and match an empty output."""
+    assert to_label_index(["", "A", "a.", " B ", "the"], ["A", "B"]).tolist() == [-1, 0, 0, 1, -1]
+    assert to_label_index(["", "The entailment"], ["entailment", "not_entailment"]).tolist() == [-1, 0]
