@@ -163,12 +163,16 @@ def peft_generate(model: PeftModel, input_ids, attention_mask, max_new_tokens: i
         )
 
 
+def fresh_backbone(system) -> torch.nn.Module:
+    """The run's frozen tiny T5 rebuilt from its seed, as peft would get it: without our prompt or adapters."""
+    with seeded(system.hparams["seed"]):
+        return build_backbone("tiny", system.hparams["model"]["tiny"])
+
+
 def test_peft_loads_the_prompt_tuning_folder_with_our_prompt(trained, tmp_path):
     system, checkpoint = trained["prompt_tuning"]
     folder = export(checkpoint, tmp_path / "export")
-    config = system.hparams
-    with seeded(config["seed"]):
-        base = build_backbone("tiny", config["model"]["tiny"])
+    base = fresh_backbone(system)
     peft_model = PeftModel.from_pretrained(base, folder / "peft_prompt").eval()
     assert torch.equal(peft_model.get_prompt_embedding_to_save("default"), system.prompt.prompt.detach())
     loaded = load(folder, device="cpu")
@@ -183,9 +187,7 @@ def test_peft_loads_the_lora_folder_with_our_adapters(trained, tmp_path):
     """LoRA through peft, merged, then the prompt through peft: the generation of our LoRA + prompt tuning."""
     system, checkpoint = trained["lora_prompt_tuning"]
     folder = export(checkpoint, tmp_path / "export")
-    config = system.hparams
-    with seeded(config["seed"]):
-        base = build_backbone("tiny", config["model"]["tiny"])
+    base = fresh_backbone(system)
     lora = PeftModel.from_pretrained(base, folder / "peft_lora").eval()
     ours = get_peft_model_state_dict(system.backbone)
     theirs = {key.removeprefix("base_model.model."): value for key, value in get_peft_model_state_dict(lora).items()}
