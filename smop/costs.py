@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from smop.prompts.base import EncoderBatch
+
 
 def reset_peak_memory(device: torch.device) -> None:
     """Start a fresh peak: CUDA's allocator statistics, or Linux's per-process high-water mark (VmHWM).
@@ -134,11 +136,9 @@ def eager_attention(model: nn.Module):
     Every sub-model's config is switched, not only the top one: T5's encoder and decoder hold their own copies,
     and `set_attn_implementation` of some transformers releases (5.17) leaves those on SDPA.
     """
-    backbone = getattr(model, "backbone", model)
+    # the whole model: the backbone and a prompt module's own encoder (IDPG/LoPA with method.encoder=<model>)
     configs = {
-        id(m.config): m.config
-        for m in backbone.modules()
-        if hasattr(getattr(m, "config", None), "_attn_implementation")
+        id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")
     }
     previous = {key: config._attn_implementation for key, config in configs.items()}
     for config in configs.values():
@@ -153,12 +153,12 @@ def eager_attention(model: nn.Module):
 class _InferenceForward(nn.Module):
     """Encoder over [prompt ; input] + decoder over the label length: what inference costs per example."""
 
-    def __init__(self, system: nn.Module) -> None:
+    def __init__(self, system: nn.Module, encoder_batch: EncoderBatch | None = None) -> None:
         super().__init__()
-        self.system = system
+        self.system, self.encoder_batch = system, encoder_batch
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor) -> Tensor:
-        embeds, mask, _ = self.system.encoder_inputs(input_ids, attention_mask)
+        embeds, mask, _ = self.system.encoder_inputs(input_ids, attention_mask, self.encoder_batch)
         return self.system.backbone(
             inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids, use_cache=False
         ).logits
@@ -167,7 +167,7 @@ class _InferenceForward(nn.Module):
 def inference_flops(system: nn.Module, batch: dict[str, Tensor]) -> float:
     """fvcore FLOPs (multiply-adds) of one inference forward, per example of `batch`."""
     decoder_input_ids = system.backbone.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-    wrapper = _InferenceForward(system)
+    wrapper = _InferenceForward(system, EncoderBatch.of(batch))
     was_training = system.training
     system.eval()
     try:
@@ -190,7 +190,7 @@ def train_step_flops(system: nn.Module, batch: dict[str, Tensor]) -> float:
     system.train()
     try:
         with FlopCounterMode(display=False) as counter:
-            loss, _, _ = system(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss, _, _ = system(batch["input_ids"], batch["attention_mask"], batch["labels"], EncoderBatch.of(batch))
             loss.backward()
     finally:
         system.zero_grad(set_to_none=True)

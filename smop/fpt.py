@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from smop.costs import eager_attention, inference_flops, train_step_flops
+from smop.prompts.base import EncoderBatch
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,8 @@ class PartialT5:
             for batch in batches:
                 labels = batch["labels"]
                 if hasattr(system, "encoder_inputs"):
-                    embeds, mask, _ = system.encoder_inputs(batch["input_ids"], batch["attention_mask"])
+                    ids, attention = batch["input_ids"], batch["attention_mask"]
+                    embeds, mask, _ = system.encoder_inputs(ids, attention, EncoderBatch.of(batch))
                 else:
                     embeds, mask = system.backbone.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"]
                 masks["encoder"], masks["decoder"] = mask, (labels != -100)

@@ -26,6 +26,7 @@ from smop.backbones import HubUnreachableError, build_tokenizer
 from smop.data import SuperGLUEDataModule, Task
 from smop.data.datamodule import encode
 from smop.module import PromptTuningSystem
+from smop.prompts.base import EncoderBatch
 from smop.run import build_datamodule, build_system
 
 FORMAT, FORMAT_VERSION = "smop-export", 1
@@ -61,11 +62,19 @@ class LoadedModel:
         """Token ids of raw examples, formatted and truncated exactly as in training."""
         return encode(self.task, self.datamodule.tokenizer, list(examples), self.datamodule.budget)
 
+    def encoder_batch(self, examples: Sequence[dict[str, Any]]) -> EncoderBatch | None:
+        """The examples as a separate encoder reads them (IDPG/LoPA with method.encoder=<model>), else None."""
+        if self.datamodule.encoder_tokenizer is None:
+            return None
+        features = self.datamodule.encoder_features(list(examples))
+        return EncoderBatch.of({key: value.to(self.device) for key, value in features.items()})
+
     @torch.no_grad()
     def label(self, examples: Sequence[dict[str, Any]]) -> list[int]:
         """Label index per example (-1: the output was no label word), by the system's own greedy decoding."""
         input_ids, attention_mask = pad_inputs(self.encode(examples), self.datamodule.tokenizer.pad_token_id)
-        preds, _ = self.system.predict_labels(input_ids.to(self.device), attention_mask.to(self.device))
+        encoder_batch = self.encoder_batch(examples)
+        preds, _ = self.system.predict_labels(input_ids.to(self.device), attention_mask.to(self.device), encoder_batch)
         return preds.tolist()
 
 
@@ -242,7 +251,9 @@ def load_prompt_weights(prompt: nn.Module, path: Path) -> None:
     """The prompt module's whole state from prompt.safetensors, names and shapes checked first."""
     state = read_weights(path)
     check_weights(prompt.state_dict(), state, path, "prompt module")
-    prompt.load_state_dict(state)
+    # not strict: the names were checked just above, and a frozen encoder of the module's own (IDPG/LoPA with
+    # method.encoder=<model>) is rebuilt from its name, so it is in neither the state dict nor the file
+    prompt.load_state_dict(state, strict=False)
 
 
 def load_lora_weights(backbone: nn.Module, folder: Path) -> None:

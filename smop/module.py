@@ -18,7 +18,7 @@ from smop.adapters import add_lora
 from smop.backbones import freeze
 from smop.data.tasks import Task
 from smop.metrics import RoutingCounts, TaskMetrics, to_label_index
-from smop.prompts.base import PromptModule, PromptOutput
+from smop.prompts.base import EncoderBatch, PromptModule, PromptOutput
 
 SPLITS = ("train", "val", "test")
 FSDP_PREFIX = "_fsdp_wrapped_module."
@@ -89,30 +89,39 @@ class PromptTuningSystem(L.LightningModule):
                     module.train(mode)
         return self
 
-    def encoder_inputs(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, PromptOutput | None]:
-        """[P ; E[x]] and the mask with ones for the prompt; the decoder is untouched."""
+    def encoder_inputs(
+        self, input_ids: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None
+    ) -> tuple[Tensor, Tensor, PromptOutput | None]:
+        """[P ; E[x]] and the mask with ones for the prompt; the decoder is untouched.
+
+        `encoder_batch`: the input as a separate encoder's tokenizer reads it, for the prompt modules that have one."""
         embeds = self.backbone.get_input_embeddings()(input_ids)
         if self.prompt is None:
             return embeds, attention_mask, None
-        out = self.prompt(embeds, attention_mask)
+        if encoder_batch is None:
+            out = self.prompt(embeds, attention_mask)
+        else:
+            out = self.prompt(embeds, attention_mask, encoder_batch)
         if out.input_embeds is not None:
             embeds = out.input_embeds
         ones = attention_mask.new_ones(attention_mask.shape[0], out.prompt.shape[1])
         return torch.cat([out.prompt, embeds], dim=1), torch.cat([ones, attention_mask], dim=1), out
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, encoder_batch: EncoderBatch | None = None
     ) -> tuple[Tensor, Tensor, PromptOutput | None]:
         """Task loss (plus the prompt module's auxiliary loss), decoder logits, prompt output."""
-        embeds, mask, out = self.encoder_inputs(input_ids, attention_mask)
+        embeds, mask, out = self.encoder_inputs(input_ids, attention_mask, encoder_batch)
         result = self.backbone(inputs_embeds=embeds, attention_mask=mask, labels=labels)
         loss = result.loss if out is None or out.aux_loss is None else result.loss + out.aux_loss
         return loss, result.logits, out
 
     @torch.no_grad()
-    def predict_labels(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, PromptOutput | None]:
+    def predict_labels(
+        self, input_ids: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None
+    ) -> tuple[Tensor, PromptOutput | None]:
         """Greedy generation, normalised exact match to a label word (-1: no label word)."""
-        embeds, mask, out = self.encoder_inputs(input_ids, attention_mask)
+        embeds, mask, out = self.encoder_inputs(input_ids, attention_mask, encoder_batch)
         generated = self.backbone.generate(
             inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens
         )
@@ -121,10 +130,11 @@ class PromptTuningSystem(L.LightningModule):
 
     # --- steps -------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, logits, out = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        encoder_batch = EncoderBatch.of(batch)
+        loss, logits, out = self(batch["input_ids"], batch["attention_mask"], batch["labels"], encoder_batch)
         weight = self.prompt.consistency_weight if self.prompt is not None else 0.0
         if weight > 0:  # stochastic routing: a second pass with other random prompts, and agreement between them
-            loss_b, logits_b, _ = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss_b, logits_b, _ = self(batch["input_ids"], batch["attention_mask"], batch["labels"], encoder_batch)
             loss = loss + loss_b + weight * consistency_loss(logits, logits_b, batch["labels"])
         self._stop_if_not_finite(loss)
         self._count_routes("train", out)
@@ -144,7 +154,7 @@ class PromptTuningSystem(L.LightningModule):
             )
 
     def _eval_step(self, split: str, batch: dict[str, Tensor]) -> None:
-        preds, out = self.predict_labels(batch["input_ids"], batch["attention_mask"])
+        preds, out = self.predict_labels(batch["input_ids"], batch["attention_mask"], EncoderBatch.of(batch))
         self.task_metrics[_key(split)].update(preds, batch["label_index"], batch["group"])
         self._count_routes(split, out)
 

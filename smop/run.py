@@ -20,6 +20,7 @@ from smop.data import SuperGLUEDataModule
 from smop.distributed import isolated_job, launch_ranks_per_job
 from smop.module import PromptTuningSystem
 from smop.prompts.base import PromptModule
+from smop.prompts.instance import encoder_tokenizer
 from smop.results import print_summary, versions, write_results
 from smop.wandb_logging import finish_wandb, wandb_callbacks
 
@@ -43,6 +44,7 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any, setup: bool = True) -> Sup
         tokenizer=tokenizer,
         prompt_length=cfg.method.get("prompt_length", 0),
         seed=cfg.seed,
+        encoder_tokenizer=encoder_tokenizer(cfg.method.get("encoder")),  # IDPG/LoPA with a separate encoder
         _convert_="all",
     )
     if setup:

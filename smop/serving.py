@@ -13,8 +13,8 @@ tokens right by the padding changes nothing it computes: a row's outputs equal t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from smop.loading import (
     with_model,
 )
 from smop.metrics import to_label_index
+from smop.prompts.base import EncoderBatch
 from smop.run import build_datamodule, build_prompt
 
 
@@ -49,6 +50,8 @@ class TaskSpec:
     budget: int  # max input tokens (dataset.max_length - prompt length), as in training
     max_new_tokens: int
     source: Path
+    # a separate encoder's padded ids of a list of records (IDPG/LoPA with method.encoder=<model>), else None
+    encoder_features: Callable[[list[dict[str, Any]]], dict[str, Tensor]] | None = None
 
 
 @dataclass
@@ -56,6 +59,7 @@ class MixedBatch:
     input_ids: Tensor  # [B, n], right-padded
     attention_mask: Tensor  # [B, n]
     tasks: list[str]  # the task of each row
+    encoder_batches: dict[str, EncoderBatch] = field(default_factory=dict)  # per task with its own encoder, its rows
 
 
 @dataclass
@@ -93,7 +97,10 @@ class PromptServer(nn.Module):
             load_prompt_weights(prompt, folder / manifest["files"].get("prompt", PROMPT_WEIGHTS))
             self.prompts[name] = prompt
             datamodule = build_datamodule(cfg, self.tokenizer, setup=False)
-            self.specs[name] = TaskSpec(datamodule.task, datamodule.budget, datamodule.max_target_length, folder)
+            features = datamodule.encoder_features if datamodule.encoder_tokenizer is not None else None
+            self.specs[name] = TaskSpec(
+                datamodule.task, datamodule.budget, datamodule.max_target_length, folder, features
+            )
         self.requires_grad_(False)
         self.to(resolve_device(device)).eval()
 
@@ -152,6 +159,7 @@ class PromptServer(nn.Module):
         """Tokenize (task, record) rows, each with its own task's template and truncation, into one padded batch."""
         tasks = [name for name, _ in rows]
         ids: list[list[int]] = [[] for _ in rows]
+        encoder_batches: dict[str, EncoderBatch] = {}
         for name, index in self._rows_of(tasks).items():
             spec = self.specs[name]
             examples = [rows[i][1] for i in index.tolist()]
@@ -159,8 +167,11 @@ class PromptServer(nn.Module):
                 index.tolist(), encode(spec.task, self.tokenizer, examples, spec.budget), strict=True
             ):
                 ids[i] = row_ids
+            if spec.encoder_features is not None:  # its own encoder, its own tokenizer: one padded block per task
+                features = {key: value.to(self.device) for key, value in spec.encoder_features(examples).items()}
+                encoder_batches[name] = EncoderBatch.of(features)
         input_ids, attention_mask = pad_inputs(ids, self.tokenizer.pad_token_id)
-        return MixedBatch(input_ids.to(self.device), attention_mask.to(self.device), tasks)
+        return MixedBatch(input_ids.to(self.device), attention_mask.to(self.device), tasks, encoder_batches)
 
     def encoder_inputs(self, batch: MixedBatch) -> tuple[Tensor, Tensor, int]:
         """[left-padded prompt ; input embeddings] and its mask: each prompt module called once on its rows."""
@@ -168,7 +179,8 @@ class PromptServer(nn.Module):
         inputs = embeds.clone()
         prompts: dict[str, tuple[Tensor, Tensor]] = {}
         for name, index in self._rows_of(batch.tasks).items():
-            out = self.prompts[name](embeds[index], batch.attention_mask[index])
+            extra = (batch.encoder_batches[name],) if name in batch.encoder_batches else ()
+            out = self.prompts[name](embeds[index], batch.attention_mask[index], *extra)
             if out.input_embeds is not None:  # e.g. DePT's position-wise update of the input embeddings
                 inputs[index] = out.input_embeds
             prompts[name] = (index, out.prompt)

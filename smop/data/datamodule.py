@@ -101,6 +101,7 @@ class SuperGLUEDataModule(L.LightningDataModule):
         num_workers: int = 0,
         synthetic: dict[str, Any] | None = None,
         seed: int = 0,
+        encoder_tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -113,6 +114,8 @@ class SuperGLUEDataModule(L.LightningDataModule):
             name, template, list(label_words), list(label_names or []), list(metrics or ["accuracy"]), truncate_field
         )
         self.tokenizer = tokenizer
+        # a separate encoder's own tokenizer (IDPG/LoPA with method.encoder=<model>): batches then carry its ids too
+        self.encoder_tokenizer = encoder_tokenizer
         self.source, self.data_dir, self.hub_name, self.hub_config = source, data_dir, hub_name, hub_config
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.budget = max_length - prompt_length
@@ -159,6 +162,26 @@ class SuperGLUEDataModule(L.LightningDataModule):
                 {"input_ids": ids, "labels": targets[ex["label"]], "label_index": ex["label"], "group": ex["group"]}
                 for ids, ex in zip(inputs, examples, strict=True)
             ]
+            if self.encoder_tokenizer is not None:
+                for row, ids in zip(self.splits[split], self.encoder_ids(examples), strict=True):
+                    row["encoder_input_ids"] = ids
+
+    def encoder_ids(self, examples: list[dict[str, Any]]) -> list[list[int]]:
+        """The formatted examples as the separate encoder's tokenizer reads them, cut at the encoder's max length."""
+        texts = [self.task.template.format(**example) for example in examples]
+        return self.encoder_tokenizer(texts, truncation=True).input_ids
+
+    def encoder_features(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """What a batch of these examples carries for the separate encoder (labelling new inputs)."""
+        return self.pad_encoder_ids(self.encoder_ids(examples))
+
+    def pad_encoder_ids(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """`encoder_input_ids` padded to the longest row and `encoder_attention_mask`, as a batch carries them."""
+        rows = [torch.tensor(row, dtype=torch.long) for row in ids]
+        pad_id = self.encoder_tokenizer.pad_token_id or 0  # the mask hides the padding whatever its id
+        padded = pad_sequence(rows, batch_first=True, padding_value=pad_id)
+        mask = (torch.arange(padded.shape[1]) < torch.tensor([len(row) for row in rows])[:, None]).long()
+        return {"encoder_input_ids": padded, "encoder_attention_mask": mask}
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad to the longest row of this batch, not to max_length."""
@@ -166,13 +189,16 @@ class SuperGLUEDataModule(L.LightningDataModule):
         input_ids = pad_sequence(inputs, batch_first=True, padding_value=self.tokenizer.pad_token_id)
         labels = pad_sequence([torch.tensor(row["labels"]) for row in rows], batch_first=True, padding_value=-100)
         lengths = torch.tensor([len(x) for x in inputs])
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": (torch.arange(input_ids.shape[1]) < lengths[:, None]).long(),
             "labels": labels,
             "label_index": torch.tensor([row["label_index"] for row in rows]),
             "group": torch.tensor([row["group"] for row in rows]),
         }
+        if "encoder_input_ids" in rows[0]:
+            batch.update(self.pad_encoder_ids([row["encoder_input_ids"] for row in rows]))
+        return batch
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,21 @@ class PromptOutput:
     input_embeds: Tensor | None = None  # [B, n, d] replaces the input embeddings when set (e.g. DePT's update)
 
 
+@dataclass
+class EncoderBatch:
+    """The batch as a separate encoder's own tokenizer reads it (IDPG/LoPA with `method.encoder=<model>`)."""
+
+    input_ids: Tensor  # [B, n'] right-padded ids of that tokenizer
+    attention_mask: Tensor  # [B, n']
+
+    @classmethod
+    def of(cls, batch: Mapping[str, Tensor]) -> EncoderBatch | None:
+        """From a DataModule batch's `encoder_input_ids`/`encoder_attention_mask`; None when it has none."""
+        if "encoder_input_ids" not in batch:
+            return None
+        return cls(batch["encoder_input_ids"], batch["encoder_attention_mask"])
+
+
 class PromptModule(nn.Module, ABC):
     """A trainable module that maps the frozen input embeddings of a batch to soft prompts."""
 
@@ -40,8 +56,13 @@ class PromptModule(nn.Module, ABC):
         """Number of prompt vectors prepended to every input."""
 
     @abstractmethod
-    def forward(self, input_embeds: Tensor, attention_mask: Tensor) -> PromptOutput:
-        """Prompts for a batch, from its (frozen) input embeddings [B, n, d] and mask [B, n]."""
+    def forward(
+        self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None
+    ) -> PromptOutput:
+        """Prompts for a batch, from its (frozen) input embeddings [B, n, d] and mask [B, n].
+
+        `encoder_batch` is given only when the batch has one, i.e. only to modules with their own encoder
+        (instance prompts with a separate encoder); the other methods may leave it out of their signature."""
 
 
 def init_prompt(

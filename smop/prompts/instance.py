@@ -2,38 +2,116 @@
 
 IDPG: the prompt is MLP(x) reshaped to m x d. LoPA: a shared prompt Z_S gated per instance by a low-rank
 matrix, Z = Z_S * sigmoid(u v^T) with u (m x r) and v (d x r) from two MLPs of x.
-x is the masked mean of the frozen backbone's encoder over the input (no download). The encoder is the
-backbone itself: held in a plain object so it is neither registered twice nor saved with the prompt.
+x is the pooled output of a frozen encoder, `method.encoder`:
+  backbone   the frozen backbone's own encoder over the input embeddings (no download). Held in a plain
+             object, so it is neither registered twice nor saved with the prompt.
+  NAME/PATH  any transformers encoder by hub name or local folder (e.g. a sentence encoder; an encoder-decoder
+             contributes its encoder). It reads the input through its own tokenizer: the DataModule adds
+             `encoder_input_ids`/`encoder_attention_mask` to each batch (`encoder_tokenizer` below). It is a
+             registered, frozen submodule (its FLOPs and parameters are counted, it moves with the system),
+             kept in eval mode and left out of the state dict: it is rebuilt from its name, like the backbone.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from smop.prompts.base import PromptModule, PromptOutput, init_prompt
+from smop.backbones import HubUnreachableError
+from smop.prompts.base import EncoderBatch, PromptModule, PromptOutput, init_prompt
 from smop.prompts.mixture import masked_mean
 
-ENCODERS = ("backbone",)  # a hub encoder needs input ids (its own tokenizer), which prompt modules do not get
+BACKBONE = "backbone"
+POOLINGS = ("mean", "cls")
 
 
-class FrozenEncoder:
-    """Mean-pooled last hidden states of the backbone's encoder, without gradients. Not an nn.Module on purpose."""
+def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
+    """[B, n, h] -> [B, h]: the masked mean over real tokens, or the first token (a [CLS] encoder's summary)."""
+    return hidden[:, 0] if pooling == "cls" else masked_mean(hidden, attention_mask)
 
-    def __init__(self, backbone: nn.Module, name: str = "backbone") -> None:
-        if name not in ENCODERS:
-            raise ValueError(
-                f"method.encoder={name}: only 'backbone' (the frozen backbone's encoder, mean-pooled) is supported; "
-                "another model needs its own tokenizer, and prompt modules receive embeddings, not input ids"
-            )
+
+def _unreachable(name: str, err: Exception) -> HubUnreachableError:
+    reason = str(err).splitlines()[0] if str(err) else ""
+    return HubUnreachableError(
+        f"Could not load method.encoder='{name}' ({type(err).__name__}: {reason}).\n"
+        "The Hugging Face hub is unreachable or the name/folder is wrong. To run offline:\n"
+        "  - point the encoder at a local folder holding config.json, the weights and the tokenizer files\n"
+        "    (written by AutoModel/AutoTokenizer .save_pretrained(folder) on a machine with network):\n"
+        "      method.encoder=/path/to/all-MiniLM-L6-v2\n"
+        "  - or use the frozen backbone's own encoder, which needs no download: method.encoder=backbone"
+    )
+
+
+def encoder_tokenizer(name: str | None) -> PreTrainedTokenizerBase | None:
+    """The separate encoder's tokenizer (None for `backbone` or no encoder), truncating at what the encoder can read.
+
+    `model_max_length` is capped by the model's position table: many tokenizers saved without a limit say 1e30."""
+    if name is None or name == BACKBONE:
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise _unreachable(name, err) from err
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions:
+        tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
+    return tokenizer
+
+
+class BackboneEncoder:
+    """The backbone's encoder over the input embeddings, pooled, without gradients. Not an nn.Module on purpose."""
+
+    def __init__(self, backbone: nn.Module, pooling: str) -> None:
         self.encoder = backbone.get_encoder()
         self.width: int = backbone.config.d_model
+        self.pooling = pooling
 
     @torch.no_grad()
-    def __call__(self, input_embeds: Tensor, attention_mask: Tensor) -> Tensor:
+    def __call__(self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None) -> Tensor:
         hidden = self.encoder(inputs_embeds=input_embeds, attention_mask=attention_mask).last_hidden_state
-        return masked_mean(hidden, attention_mask)
+        return pool(hidden, attention_mask, self.pooling)
+
+
+class PretrainedEncoder(nn.Module):
+    """A frozen transformers encoder (hub name or folder) over its own token ids, pooled."""
+
+    def __init__(self, name: str, pooling: str) -> None:
+        super().__init__()
+        try:
+            model = AutoModel.from_pretrained(name)
+        except (OSError, ValueError) as err:
+            raise _unreachable(name, err) from err
+        self.name, self.pooling = name, pooling
+        self.model = model.get_encoder() if model.config.is_encoder_decoder else model
+        self.width: int = model.config.hidden_size
+        self.model.requires_grad_(False).eval()
+        # rebuilt from `name` on load: its weights stay out of checkpoints and exports, as the backbone's do
+        self.register_state_dict_post_hook(_drop_own_keys)
+
+    def train(self, mode: bool = True) -> PretrainedEncoder:
+        """Frozen: always in eval mode (no dropout), whatever the system is switched to."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None) -> Tensor:
+        if encoder_batch is None:
+            raise ValueError(
+                f"method.encoder={self.name} reads the input through its own tokenizer, but the batch has no "
+                "encoder_input_ids: build the DataModule with encoder_tokenizer=smop.prompts.instance."
+                "encoder_tokenizer(method.encoder) (smop.run.build_datamodule does)"
+            )
+        mask = encoder_batch.attention_mask
+        hidden = self.model(input_ids=encoder_batch.input_ids, attention_mask=mask).last_hidden_state
+        return pool(hidden, mask, self.pooling)
+
+
+def _drop_own_keys(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [key for key in state if key.startswith(prefix)]:
+        del state[key]
 
 
 def generator(width: int, hidden: int, out: int, dropout: float, std: float = 0.02) -> nn.Sequential:
@@ -50,18 +128,24 @@ class InstancePrompt(PromptModule):
 
     needs_backbone = True
 
-    def __init__(self, backbone: nn.Module, prompt_length: int, encoder: str) -> None:
+    def __init__(self, backbone: nn.Module, prompt_length: int, encoder: str, pooling: str) -> None:
         super().__init__()
-        self.encode = FrozenEncoder(backbone, encoder)
+        if pooling not in POOLINGS:
+            raise ValueError(f"method.encoder_pooling={pooling}: allowed {', '.join(POOLINGS)}")
+        if encoder == BACKBONE:
+            self.encoder: BackboneEncoder | PretrainedEncoder = BackboneEncoder(backbone, pooling)
+        else:
+            self.encoder = PretrainedEncoder(encoder, pooling)
         self.length = prompt_length
 
     @property
     def prompt_length(self) -> int:
         return self.length
 
-    def pooled(self, input_embeds: Tensor, attention_mask: Tensor) -> Tensor:
+    def pooled(self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None) -> Tensor:
         """[B, h] in the generators' dtype (the encoder may run in another precision)."""
-        return self.encode(input_embeds, attention_mask).to(next(self.parameters()).dtype)
+        dtype = next(p.dtype for name, p in self.named_parameters() if not name.startswith("encoder."))
+        return self.encoder(input_embeds, attention_mask, encoder_batch).to(dtype)
 
 
 class IDPG(InstancePrompt):
@@ -72,15 +156,19 @@ class IDPG(InstancePrompt):
         prompt_length: int = 10,
         hidden_size: int = 256,
         dropout: float = 0.1,
-        encoder: str = "backbone",
+        encoder: str = BACKBONE,
+        pooling: str = "mean",
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
-        super().__init__(backbone, prompt_length, encoder)
+        super().__init__(backbone, prompt_length, encoder, pooling)
         self.d = embedding.embedding_dim
-        self.mlp = generator(self.encode.width, hidden_size, prompt_length * self.d, dropout)
+        self.mlp = generator(self.encoder.width, hidden_size, prompt_length * self.d, dropout)
 
-    def forward(self, input_embeds: Tensor, attention_mask: Tensor) -> PromptOutput:
-        prompt = self.mlp(self.pooled(input_embeds, attention_mask)).view(-1, self.length, self.d)
+    def forward(
+        self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None
+    ) -> PromptOutput:
+        pooled = self.pooled(input_embeds, attention_mask, encoder_batch)
+        prompt = self.mlp(pooled).view(-1, self.length, self.d)
         return PromptOutput(prompt.to(input_embeds.dtype))
 
 
@@ -93,14 +181,15 @@ class LoPA(InstancePrompt):
         rank: int = 4,
         hidden_size: int = 256,
         dropout: float = 0.1,
-        encoder: str = "backbone",
+        encoder: str = BACKBONE,
+        pooling: str = "mean",
         init: str = "random",
         init_text: str | None = None,
         shared_lr: float | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
-        super().__init__(backbone, prompt_length, encoder)
-        d, width = embedding.embedding_dim, self.encode.width
+        super().__init__(backbone, prompt_length, encoder, pooling)
+        d, width = embedding.embedding_dim, self.encoder.width
         self.shared = nn.Parameter(init_prompt(prompt_length, embedding, init, tokenizer, init_text))  # Z_S
         self.rows = generator(width, hidden_size, prompt_length * rank, dropout)  # u: m x r
         self.cols = generator(width, hidden_size, d * rank, dropout)  # v: d x r
@@ -110,7 +199,7 @@ class LoPA(InstancePrompt):
         """One group at method.lr (the reference), or Z_S at its own `shared_lr`: a raw table wants a larger step."""
         if self.shared_lr is None:
             return super().param_groups()
-        generators = [p for name, p in self.named_parameters() if name != "shared"]
+        generators = [p for name, p in self.named_parameters() if name != "shared" and p.requires_grad]
         return [{"params": [self.shared], "lr": self.shared_lr}, {"params": generators}]
 
     def gate(self, pooled: Tensor) -> Tensor:
@@ -119,6 +208,8 @@ class LoPA(InstancePrompt):
         v = self.cols(pooled).view(pooled.shape[0], -1, self.rank)
         return torch.sigmoid(u @ v.transpose(1, 2))
 
-    def forward(self, input_embeds: Tensor, attention_mask: Tensor) -> PromptOutput:
-        prompt = self.shared * self.gate(self.pooled(input_embeds, attention_mask))
+    def forward(
+        self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None
+    ) -> PromptOutput:
+        prompt = self.shared * self.gate(self.pooled(input_embeds, attention_mask, encoder_batch))
         return PromptOutput(prompt.to(input_embeds.dtype))
