@@ -15,3 +15,25 @@ def add_lora(
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
     return inject_adapter_in_model(config, backbone)
+
+
+def has_lora(backbone: nn.Module) -> bool:
+    return any(_is_adapter_layer(module) for module in backbone.modules())
+
+
+def remove_lora(backbone: nn.Module) -> nn.Module:
+    """Undo `add_lora` in place: every adapted layer is replaced by its untouched base layer (the benchmark
+    trains several methods on one shared backbone)."""
+    for parent in list(backbone.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_adapter_layer(child):
+                setattr(parent, name, child.get_base_layer())
+    if hasattr(backbone, "peft_config"):
+        del backbone.peft_config
+    return backbone
+
+
+def _is_adapter_layer(module: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)

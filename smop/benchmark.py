@@ -44,12 +44,13 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 
+from smop.adapters import has_lora, remove_lora
 from smop.backbones import build_tokenizer, freeze
 from smop.checks import CONFIG_DIR, method_routes
 from smop.costs import eager_attention, inference_flops, sync
 from smop.data.tasks import Task
 from smop.module import PromptTuningSystem
-from smop.prompts import PTuning, SparseMixtureOfPrompts
+from smop.prompts import DecomposedPromptTuning, PromptTuning, PTuning, SparseMixtureOfPrompts
 from smop.results import versions
 from smop.run import build_datamodule, build_prompt
 
@@ -254,14 +255,23 @@ class Runner:
     close: Callable[[], None] = field(default=lambda: None)
 
 
+def load_method(name: str) -> DictConfig:
+    """configs/method/<name>.yaml merged over the methods it extends (lora_smop: smop); other defaults
+    (the router, the optimizer, callbacks) are the variant's and the benchmark's to choose."""
+    method = OmegaConf.load(CONFIG_DIR / "method" / f"{name}.yaml")
+    bases = [entry for entry in method.pop("defaults", []) if isinstance(entry, str) and entry != "_self_"
+             and "/" not in entry]
+    return OmegaConf.merge(*(load_method(base) for base in bases), method)
+
+
 def method_config(spec: DictConfig, optimizer: str) -> DictConfig:
     """The project's own method / router / optimizer configs, with the variant's `set` overrides applied."""
-    method = OmegaConf.load(CONFIG_DIR / "method" / f"{spec.method}.yaml")
-    method.pop("defaults", None)  # the router is chosen by the variant
+    method = load_method(spec.method)
     router = OmegaConf.load(CONFIG_DIR / "router" / f"{spec.router}.yaml") if spec.get("router") else None
     root = OmegaConf.create({"method": method, "router": router,
                              "optimizer": OmegaConf.load(CONFIG_DIR / "optimizer" / f"{optimizer}.yaml")})
-    root.method = OmegaConf.merge(root.method, spec.get("set") or {})
+    overrides = spec.get("set")  # resolved here: it may refer to benchmark.* options
+    root.method = OmegaConf.merge(root.method, OmegaConf.to_container(overrides, resolve=True) if overrides else {})
     OmegaConf.resolve(root)
     routes = method_routes(root)
     if routes != (router is not None):
@@ -277,10 +287,11 @@ def build_ours(root: DictConfig, backbone: T5ForConditionalGeneration, tokenizer
     snapshot = {k: v.detach().to("cpu", copy=True) for k, v in backbone.state_dict().items()} if full else None
     if full:
         backbone.requires_grad_(True)  # full fine-tuning trains the shared backbone; restored on close
+    lora = OmegaConf.to_container(root.method.lora) if root.method.get("lora") else None
     system = PromptTuningSystem(backbone, tokenizer, task, build_prompt(root, backbone, tokenizer),
-                                optimizer=instantiate(root.optimizer), train_backbone=full).to(device)
+                                optimizer=instantiate(root.optimizer), train_backbone=full, lora=lora).to(device)
     system.train()
-    optimizer = system.optimizer_factory([p for p in system.parameters() if p.requires_grad])
+    optimizer = system.optimizer_factory(system.param_groups())  # the method's groups (DePT, LoRA: two lrs)
 
     def step(batch: Batch) -> None:
         with autocast():
@@ -293,6 +304,8 @@ def build_ours(root: DictConfig, backbone: T5ForConditionalGeneration, tokenizer
         if snapshot is not None:
             backbone.load_state_dict(snapshot)
             freeze(backbone)
+        if lora:
+            remove_lora(backbone)  # the next variant gets the bare shared backbone back
 
     trainable = sum(p.numel() for p in system.parameters() if p.requires_grad)
     return Runner(step, trainable, [system], optimizer, system, root.method.get("prompt_length", 0), close=close)
@@ -392,8 +405,11 @@ def analytic_inference_flops(config: T5Config, encoder_length: int, decoder_leng
     return float(encoder + decoder + t * d * vocab)
 
 
-def prompt_module_flops(prompt: nn.Module | None, rows: int) -> float:
-    """Multiply-adds per example of the prompt module itself (fvcore counts its linears and einsum)."""
+def prompt_module_flops(prompt: nn.Module | None, rows: int, input_length: int) -> float | None:
+    """Multiply-adds per example of the prompt module itself (fvcore counts its linears and einsum);
+    None for modules without a formula here (IDPG and LoPA run a whole encoder pass and their MLPs)."""
+    if prompt is None:
+        return 0.0
     if isinstance(prompt, SparseMixtureOfPrompts):
         num, length, d = prompt.prompts.shape
         router = prompt.router.linear.in_features * num if hasattr(prompt.router, "linear") else 0
@@ -401,7 +417,9 @@ def prompt_module_flops(prompt: nn.Module | None, rows: int) -> float:
     if isinstance(prompt, PTuning):
         layers = [m for m in prompt.mlp if isinstance(m, nn.Linear)]
         return prompt.prompt_length * sum(m.in_features * m.out_features for m in layers) / rows  # once a batch
-    return 0.0
+    if isinstance(prompt, DecomposedPromptTuning):  # A[:n] B, once a batch
+        return input_length * prompt.rank * prompt.lora_b.shape[1] / rows
+    return 0.0 if isinstance(prompt, PromptTuning) else None
 
 
 def count_flops(runner: Runner, batches: list[Batch], rows: int) -> dict[str, float]:
@@ -414,11 +432,14 @@ def count_flops(runner: Runner, batches: list[Batch], rows: int) -> dict[str, fl
         for batch in batches:
             part = {k: v[:rows] for k, v in batch.items()}
             measured.append(inference_flops(system, part))
-            width = runner.prompt_length + part["input_ids"].shape[1]
-            analytic.append(analytic_inference_flops(system.backbone.config, width, part["labels"].shape[1])
-                            + prompt_module_flops(system.prompt, part["input_ids"].shape[0]))
+            rows, length = part["input_ids"].shape
+            module = prompt_module_flops(system.prompt, rows, length)
+            if module is not None and not has_lora(system.backbone):  # no formula for LoRA's adapters either
+                width = runner.prompt_length + length
+                analytic.append(analytic_inference_flops(system.backbone.config, width, part["labels"].shape[1])
+                                + module)
     return {"inference_flops_per_example": statistics.mean(measured),
-            "analytic_flops_per_example": statistics.mean(analytic)}
+            "analytic_flops_per_example": statistics.mean(analytic) if analytic else None}
 
 
 # --- one measurement --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from smop.data.synthetic import character_ranges
 from smop.run import build_datamodule, build_system
 
 STEPS = 100
-LEARNING_RATES = {"method=full": 1e-3, "method=p_tuning": 3e-3}  # prompts: 0.1
+LEARNING_RATES = {"method=full": 1e-3, "method=p_tuning": 3e-3, "method=lora_p_tuning": 3e-3}  # prompts: 0.1
 
 
 @pytest.mark.parametrize(
@@ -27,13 +27,17 @@ LEARNING_RATES = {"method=full": 1e-3, "method=p_tuning": 3e-3}  # prompts: 0.1
         ["router=gumbel"],
         ["router=stochastic"],
         ["router=top1"],
+        ["method=lora_prompt_tuning", "method.prompt_length=20"],
+        ["method=lora_p_tuning", "method.prompt_length=20"],
+        ["method=lora_smop"],
     ],
     ids=lambda o: "-".join(x.split("=")[1] for x in o[:1]),
 )
 def test_loss_on_a_fixed_batch_halves(make_cfg, overrides):
     system, batch = build(make_cfg(*overrides, "dataset.batch_size=16", *SYNTHETIC))
     lr = LEARNING_RATES.get(overrides[0], 0.1)
-    optimizer = torch.optim.AdamW([p for p in system.parameters() if p.requires_grad], lr=lr)
+    # the method's own groups: LoRA + X trains its adapters at method.lora.lr (1e-3), the prompt at `lr`
+    optimizer = torch.optim.AdamW(system.param_groups(), lr=lr)
     losses = fit_fixed_batch(system, batch, optimizer, STEPS)
     assert min(losses[-5:]) <= 0.5 * losses[0], losses[::10]
 
