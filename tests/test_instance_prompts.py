@@ -206,6 +206,56 @@ def test_separate_encoder_is_frozen_in_eval_mode_and_out_of_checkpoints(make_cfg
     assert set(checkpoint["state_dict"]) == trainable
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_fine_tuned_encoder_trains_at_its_own_lr_with_dropout_and_is_checkpointed(make_cfg, encoders, method):
+    overrides = [f"method.encoder={encoders['bert']}", "method.train_encoder=true", "method.encoder_lr=0.05"]
+    system, batch = build(make_cfg(f"method={method}", *overrides, *SYNTHETIC))
+    encoder = system.prompt.encoder
+    before = {name: p.clone() for name, p in encoder.named_parameters()}
+    assert all(p.requires_grad for p in encoder.parameters())
+    *generators, encoder_group = system.param_groups()  # the backbone has no trainable weights: no group of its own
+    assert encoder_group["lr"] == 0.05
+    assert {id(p) for p in encoder_group["params"]} == {id(p) for p in encoder.parameters()}
+    assert generators and all("lr" not in group for group in generators)  # method.lr
+    optimizer = torch.optim.AdamW(system.param_groups(), lr=1e-2)
+    system.train()
+    assert any(m.training for m in encoder.modules())  # its dropout is live while it trains
+    system(batch["input_ids"], batch["attention_mask"], batch["labels"], EncoderBatch.of(batch))[0].backward()
+    optimizer.step()
+    assert not all(torch.equal(p, before[name]) for name, p in encoder.named_parameters())
+    system.eval()
+    assert not any(m.training for m in encoder.modules())
+    with torch.no_grad():
+        assert torch.equal(encoder_prompts(system, batch), encoder_prompts(system, batch))
+    checkpoint = {"state_dict": system.state_dict()}
+    system.on_save_checkpoint(checkpoint)
+    prefix = "prompt.encoder."
+    saved = {key.removeprefix(prefix) for key in checkpoint["state_dict"] if key.startswith(prefix)}
+    assert saved == set(before)  # the fine-tuned weights are the run's result: saved, not rebuilt from the name
+
+
+def test_fine_tuning_the_backbones_own_encoder_is_refused(make_cfg):
+    message = "method.train_encoder=true fine-tunes a separate encoder, but method.encoder=backbone"
+    with pytest.raises(InstantiationException, match=message):
+        build(make_cfg("method=idpg", "method.train_encoder=true", *SYNTHETIC))
+
+
+def test_a_run_with_a_fine_tuned_encoder_exports_and_reloads_it(make_cfg, encoders, tmp_path):
+    overrides = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false"]
+    options = [f"method.encoder={encoders['bert']}", "method.train_encoder=true", "method.encoder_lr=0.05"]
+    assert run(make_cfg("method=idpg", *options, *overrides, *SYNTHETIC))["status"] == "completed"
+    checkpoint = next((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    folder = export(checkpoint, tmp_path / "export")
+    from_checkpoint, from_folder = load(checkpoint, device="cpu"), load(folder, device="cpu")
+    pristine = PretrainedEncoder(str(encoders["bert"]), "mean", trainable=True).state_dict()  # as on disk
+    for loaded in (from_checkpoint, from_folder):
+        weights = loaded.system.prompt.encoder.state_dict()
+        assert set(weights) == set(pristine)
+        assert not all(torch.equal(value, pristine[key]) for key, value in weights.items())  # the trained ones
+    examples = [{"text": record["text"]} for record in synthetic_mixture(6, seed=5)]
+    assert from_folder.label(examples) == from_checkpoint.label(examples)
+
+
 def test_datamodule_adds_the_encoder_ids_and_leaves_the_rest_as_it_was(make_cfg, encoders):
     cfg = make_cfg("method=idpg", f"method.encoder={encoders['bert']}", *SYNTHETIC)
     tokenizer = build_tokenizer(cfg.model.name_or_path)

@@ -10,6 +10,8 @@ x is the pooled output of a frozen encoder, `method.encoder`:
              `encoder_input_ids`/`encoder_attention_mask` to each batch (`encoder_tokenizer` below). It is a
              registered, frozen submodule (its FLOPs and parameters are counted, it moves with the system),
              kept in eval mode and left out of the state dict: it is rebuilt from its name, like the backbone.
+             `method.train_encoder=true` fine-tunes it instead (at `method.encoder_lr`): then its weights train,
+             its dropout is live in training, and it is saved with the prompt.
 """
 
 from __future__ import annotations
@@ -77,26 +79,25 @@ class BackboneEncoder:
 
 
 class PretrainedEncoder(nn.Module):
-    """A frozen transformers encoder (hub name or folder) over its own token ids, pooled."""
+    """A transformers encoder (hub name or folder) over its own token ids, pooled; frozen unless `trainable`."""
 
-    def __init__(self, name: str, pooling: str) -> None:
+    def __init__(self, name: str, pooling: str, trainable: bool = False) -> None:
         super().__init__()
         try:
             model = AutoModel.from_pretrained(name)
         except (OSError, ValueError) as err:
             raise _unreachable(name, err) from err
-        self.name, self.pooling = name, pooling
+        self.name, self.pooling, self.trainable = name, pooling, trainable
         self.model = model.get_encoder() if model.config.is_encoder_decoder else model
         self.width: int = model.config.hidden_size
-        self.model.requires_grad_(False).eval()
-        # rebuilt from `name` on load: its weights stay out of checkpoints and exports, as the backbone's do
-        self.register_state_dict_post_hook(_drop_own_keys)
+        self.model.requires_grad_(trainable).train(False)
+        if not trainable:  # rebuilt from `name` on load: out of checkpoints and exports, as the backbone is
+            self.register_state_dict_post_hook(_drop_own_keys)
 
     def train(self, mode: bool = True) -> PretrainedEncoder:
-        """Frozen: always in eval mode (no dropout), whatever the system is switched to."""
-        return super().train(False)
+        """A frozen encoder stays in eval mode (no dropout), whatever the system is switched to."""
+        return super().train(mode and self.trainable)
 
-    @torch.no_grad()
     def forward(self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None) -> Tensor:
         if encoder_batch is None:
             raise ValueError(
@@ -105,7 +106,8 @@ class PretrainedEncoder(nn.Module):
                 "encoder_tokenizer(method.encoder) (smop.run.build_datamodule does)"
             )
         mask = encoder_batch.attention_mask
-        hidden = self.model(input_ids=encoder_batch.input_ids, attention_mask=mask).last_hidden_state
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            hidden = self.model(input_ids=encoder_batch.input_ids, attention_mask=mask).last_hidden_state
         return pool(hidden, mask, self.pooling)
 
 
@@ -124,23 +126,50 @@ def generator(width: int, hidden: int, out: int, dropout: float, std: float = 0.
 
 
 class InstancePrompt(PromptModule):
-    """What IDPG and LoPA share: the frozen encoder and its pooled vector per instance."""
+    """What IDPG and LoPA share: the encoder (frozen by default) and its pooled vector per instance."""
 
     needs_backbone = True
 
-    def __init__(self, backbone: nn.Module, prompt_length: int, encoder: str, pooling: str) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        prompt_length: int,
+        encoder: str,
+        pooling: str,
+        train_encoder: bool = False,
+        encoder_lr: float | None = None,
+    ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"method.encoder_pooling={pooling}: allowed {', '.join(POOLINGS)}")
         if encoder == BACKBONE:
+            if train_encoder:
+                raise ValueError(
+                    "method.train_encoder=true fine-tunes a separate encoder, but method.encoder=backbone is the "
+                    "frozen backbone's own encoder: give method.encoder=<hub name or local folder>, or "
+                    "method.train_encoder=false"
+                )
             self.encoder: BackboneEncoder | PretrainedEncoder = BackboneEncoder(backbone, pooling)
         else:
-            self.encoder = PretrainedEncoder(encoder, pooling)
-        self.length = prompt_length
+            self.encoder = PretrainedEncoder(encoder, pooling, trainable=train_encoder)
+        self.length, self.encoder_lr = prompt_length, encoder_lr
 
     @property
     def prompt_length(self) -> int:
         return self.length
+
+    def generator_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The method's own trainable parameters: everything but the encoder."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
+
+    def generator_groups(self) -> list[dict]:
+        return [{"params": [p for _, p in self.generator_parameters()]}]
+
+    def param_groups(self) -> list[dict]:
+        """The generators' groups, then a fine-tuned encoder's at method.encoder_lr (or method.lr when null)."""
+        encoder = [p for n, p in self.named_parameters() if p.requires_grad and n.startswith("encoder.")]
+        lr = {} if self.encoder_lr is None else {"lr": self.encoder_lr}
+        return self.generator_groups() + ([{"params": encoder, **lr}] if encoder else [])
 
     def pooled(self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None) -> Tensor:
         """[B, h] in the generators' dtype (the encoder may run in another precision)."""
@@ -158,9 +187,11 @@ class IDPG(InstancePrompt):
         dropout: float = 0.1,
         encoder: str = BACKBONE,
         pooling: str = "mean",
+        train_encoder: bool = False,
+        encoder_lr: float | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
-        super().__init__(backbone, prompt_length, encoder, pooling)
+        super().__init__(backbone, prompt_length, encoder, pooling, train_encoder, encoder_lr)
         self.d = embedding.embedding_dim
         self.mlp = generator(self.encoder.width, hidden_size, prompt_length * self.d, dropout)
 
@@ -186,20 +217,22 @@ class LoPA(InstancePrompt):
         init: str = "random",
         init_text: str | None = None,
         shared_lr: float | None = None,
+        train_encoder: bool = False,
+        encoder_lr: float | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
-        super().__init__(backbone, prompt_length, encoder, pooling)
+        super().__init__(backbone, prompt_length, encoder, pooling, train_encoder, encoder_lr)
         d, width = embedding.embedding_dim, self.encoder.width
         self.shared = nn.Parameter(init_prompt(prompt_length, embedding, init, tokenizer, init_text))  # Z_S
         self.rows = generator(width, hidden_size, prompt_length * rank, dropout)  # u: m x r
         self.cols = generator(width, hidden_size, d * rank, dropout)  # v: d x r
         self.rank, self.shared_lr = rank, shared_lr
 
-    def param_groups(self) -> list[dict]:
+    def generator_groups(self) -> list[dict]:
         """One group at method.lr (the reference), or Z_S at its own `shared_lr`: a raw table wants a larger step."""
         if self.shared_lr is None:
-            return super().param_groups()
-        generators = [p for name, p in self.named_parameters() if name != "shared" and p.requires_grad]
+            return super().generator_groups()
+        generators = [p for name, p in self.generator_parameters() if name != "shared"]
         return [{"params": [self.shared], "lr": self.shared_lr}, {"params": generators}]
 
     def gate(self, pooled: Tensor) -> Tensor:
