@@ -432,8 +432,8 @@ def count_flops(runner: Runner, batches: list[Batch], rows: int) -> dict[str, fl
         for batch in batches:
             part = {k: v[:rows] for k, v in batch.items()}
             measured.append(inference_flops(system, part))
-            rows, length = part["input_ids"].shape
-            module = prompt_module_flops(system.prompt, rows, length)
+            count, length = part["input_ids"].shape
+            module = prompt_module_flops(system.prompt, count, length)
             if module is not None and not has_lora(system.backbone):  # no formula for LoRA's adapters either
                 width = runner.prompt_length + length
                 analytic.append(analytic_inference_flops(system.backbone.config, width, part["labels"].shape[1])

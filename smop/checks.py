@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from hydra.utils import get_class
@@ -66,6 +67,27 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
         raise ValueError("train=false evaluates a checkpoint: give ckpt_path=/path/to/checkpoint.ckpt")
     if cfg.get("ckpt_path") and cfg.ckpt_path != "last":
         check_checkpoint(cfg.ckpt_path)
+
+
+def check_devices(trainer: DictConfig) -> None:
+    """What the trainer config asks of this machine: run in the job itself, where it will train (a SLURM login
+    node that submits GPU jobs has no GPU), before any model is built."""
+    import torch
+
+    problems = []
+    accelerator, strategy = str(trainer.get("accelerator", "auto")), str(trainer.get("strategy", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        problems.append(
+            f"trainer.accelerator={accelerator}, but torch {torch.__version__} sees no CUDA device here: use "
+            "trainer=default (whatever device there is), trainer=cpu, or trainer=ddp_sim for DDP on CPU processes"
+        )
+    if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        problems.append(
+            f"trainer.strategy={strategy} needs the deepspeed package: pip install deepspeed (on a machine with the "
+            "CUDA toolkit; it builds its kernels on first use)"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def check_checkpoint(path: str) -> None:

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from smop.backbones import build_backbone, build_tokenizer
-from smop.checks import check_config, method_routes
+from smop.checks import check_config, check_devices, method_routes
 from smop.data import SuperGLUEDataModule
 from smop.distributed import isolated_job, launch_ranks_per_job
 from smop.module import PromptTuningSystem
@@ -138,6 +138,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     system, callbacks = None, []
     try:
         check_config(cfg, choice("router"))
+        check_devices(cfg.trainer)
         launch_ranks_per_job()
         L.seed_everything(cfg.seed, workers=True)
         tokenizer = build_tokenizer(cfg.model.name_or_path)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import SYNTHETIC
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
@@ -120,3 +122,18 @@ def test_eval_only_needs_an_existing_checkpoint(make_cfg, tmp_path):
         run(make_cfg("train=false", *FAST))
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         run(make_cfg("train=false", f"ckpt_path={Path(tmp_path) / 'nope.ckpt'}", *FAST))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize("trainer", ["gpu", "ddp", "fsdp"])
+def test_a_gpu_trainer_without_cuda_says_what_to_use_instead(make_cfg, trainer, tmp_path):
+    message = "trainer.accelerator=gpu, but torch .* sees no CUDA device here: use trainer="
+    with pytest.raises(ValueError, match=message):
+        run(make_cfg(f"trainer={trainer}", *FAST))
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"  # the failure is recorded
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed is installed")
+def test_deepspeed_without_its_package_names_the_install(make_cfg):
+    with pytest.raises(ValueError, match="trainer.strategy=deepspeed_stage_2 needs the deepspeed package: pip install"):
+        run(make_cfg("trainer=deepspeed", *FAST))
