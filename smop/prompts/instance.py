@@ -167,7 +167,8 @@ class InstancePrompt(PromptModule):
 
     def param_groups(self) -> list[dict]:
         """The generators' groups, then a fine-tuned encoder's at method.encoder_lr (or method.lr when null)."""
-        encoder = [p for n, p in self.named_parameters() if p.requires_grad and n.startswith("encoder.")]
+        own = {id(p) for _, p in self.generator_parameters()}
+        encoder = [p for p in self.parameters() if p.requires_grad and id(p) not in own]
         lr = {} if self.encoder_lr is None else {"lr": self.encoder_lr}
         return self.generator_groups() + ([{"params": encoder, **lr}] if encoder else [])
 
