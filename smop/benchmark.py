@@ -411,7 +411,7 @@ def prompt_module_flops(prompt: nn.Module | None, rows: int, input_length: int) 
     if prompt is None:
         return 0.0
     if isinstance(prompt, SparseMixtureOfPrompts):
-        num, length, d = prompt.prompts.shape
+        num, length, d = prompt.per_prompt.shape
         router = prompt.router.linear.in_features * num if hasattr(prompt.router, "linear") else 0
         return float(router + getattr(prompt.router, "topk", 1) * length * d)  # router + weighted gather
     if isinstance(prompt, PTuning):

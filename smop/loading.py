@@ -250,6 +250,7 @@ def check_weights(expected: dict[str, Tensor], found: dict[str, Tensor], source:
 def load_prompt_weights(prompt: nn.Module, path: Path) -> None:
     """The prompt module's whole state from prompt.safetensors, names and shapes checked first."""
     state = read_weights(path)
+    prompt.upgrade_state_dict(state)  # an export of an earlier layout of the same weights
     check_weights(prompt.state_dict(), state, path, "prompt module")
     # not strict: the names were checked just above, and a frozen encoder of the module's own (IDPG/LoPA with
     # method.encoder=<model>) is rebuilt from its name, so it is in neither the state dict nor the file

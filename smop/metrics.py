@@ -16,11 +16,12 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassF1Score
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation.replace("_", ""))
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def normalize(text: str, articles: bool = True) -> str:
-    """Lower-case, drop punctuation (but not the underscore of `not_entailment`) and articles, squeeze spaces."""
+    """Lower-case, drop punctuation (the underscore too, as the released `normalize_answer`: `not_entailment`
+    and `notentailment` are one answer) and articles, squeeze spaces. Applied to outputs and label words alike."""
     text = text.lower().translate(_PUNCTUATION)
     if articles:
         text = _ARTICLES.sub(" ", text)
@@ -35,6 +36,8 @@ def to_label_index(outputs: list[str], label_words: list[str]) -> Tensor:
     """
     articles = all(normalize(word) for word in label_words)
     lookup = {normalize(word, articles): i for i, word in enumerate(label_words)}
+    if len(lookup) != len(label_words):
+        raise ValueError(f"label words {label_words} are not distinct once normalised: {sorted(lookup)}")
     keys = [normalize(text, articles) for text in outputs]
     return torch.tensor([lookup.get(key, -1) if key else -1 for key in keys], dtype=torch.long)
 

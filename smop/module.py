@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,13 +28,16 @@ def _key(split: str) -> str:
     return f"{split}_split"
 
 
-def consistency_loss(logits_a: Tensor, logits_b: Tensor, labels: Tensor) -> Tensor:
-    """0.5 * (KL(p_a || sg p_b) + KL(p_b || sg p_a)) over the decoder positions that have a label."""
-    log_a, log_b = logits_a.log_softmax(-1), logits_b.log_softmax(-1)
-    kl_a = F.kl_div(log_b.detach(), log_a, log_target=True, reduction="none").sum(-1)
-    kl_b = F.kl_div(log_a.detach(), log_b, log_target=True, reduction="none").sum(-1)
-    mask = (labels != -100).to(kl_a.dtype)
-    return 0.5 * ((kl_a + kl_b) * mask).sum() / mask.sum().clamp(min=1.0)
+def consistency_loss(logits_a: Tensor, logits_b: Tensor) -> Tensor:
+    """0.5 * (KL(sg p_b || p_a) + KL(sg p_a || p_b)), as the released code computes it.
+
+    torch's kl_div(input=log q_a, target=sg p_b) and its mirror, `batchmean`: the sum over every decoder
+    position (label padding included) and the vocabulary, divided by the batch size. Each pass's gradient
+    flows through its own log-probabilities; the other pass is the detached target."""
+    log_a, log_b = logits_a.float().log_softmax(-1), logits_b.float().log_softmax(-1)
+    kl_a = F.kl_div(log_a, log_b.detach(), log_target=True, reduction="batchmean")
+    kl_b = F.kl_div(log_b, log_a.detach(), log_target=True, reduction="batchmean")
+    return 0.5 * (kl_a + kl_b)
 
 
 class PromptTuningSystem(L.LightningModule):
@@ -53,6 +55,7 @@ class PromptTuningSystem(L.LightningModule):
         lr_schedule: str = "linear",
         max_new_tokens: int = 10,
         train_backbone: bool = False,
+        train_dropout: bool = True,
         lora: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
@@ -70,7 +73,7 @@ class PromptTuningSystem(L.LightningModule):
             raise ValueError(f"Unknown lr_schedule '{lr_schedule}'; allowed: linear, constant")
         self.lr_schedule = lr_schedule
         self.max_new_tokens = max_new_tokens
-        self.train_backbone = train_backbone
+        self.train_backbone, self.train_dropout = train_backbone, train_dropout
         self.strict_loading = False  # checkpoints hold trainable weights only; on_load_checkpoint checks them
         num_classes = len(task.label_words)
         self.task_metrics = nn.ModuleDict({_key(s): TaskMetrics(task.metrics, num_classes) for s in ("val", "test")})
@@ -80,9 +83,11 @@ class PromptTuningSystem(L.LightningModule):
 
     # --- the model ---------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> PromptTuningSystem:
-        """Lightning switches the whole module to train mode; the frozen backbone stays in eval (no dropout)."""
+        """Lightning switches the whole module to train mode. The frozen backbone follows when `train_dropout`
+        (every reference trains with its dropout live: SMoP calls model.train()), else it stays in eval mode (no
+        dropout: FPT's scripts set the rate to 0). LoRA's own dropout is live in training either way."""
         super().train(mode)
-        if not self.train_backbone:
+        if not (self.train_backbone or self.train_dropout):
             self.backbone.eval()
             for name, module in self.backbone.named_modules():
                 if "lora_dropout" in name:  # adapters train inside the frozen backbone: their dropout is live
@@ -135,7 +140,7 @@ class PromptTuningSystem(L.LightningModule):
         weight = self.prompt.consistency_weight if self.prompt is not None else 0.0
         if weight > 0:  # stochastic routing: a second pass with other random prompts, and agreement between them
             loss_b, logits_b, _ = self(batch["input_ids"], batch["attention_mask"], batch["labels"], encoder_batch)
-            loss = loss + loss_b + weight * consistency_loss(logits, logits_b, batch["labels"])
+            loss = loss + loss_b + weight * consistency_loss(logits, logits_b)
         self._stop_if_not_finite(loss)
         self._count_routes("train", out)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
@@ -207,7 +212,8 @@ class PromptTuningSystem(L.LightningModule):
         if self.lr_schedule == "constant":  # FPT's reference: no warmup, no decay
             scheduler = LambdaLR(optimizer, lambda _: 1.0)
         else:
-            warmup = self.warmup_steps if self.warmup_steps is not None else math.ceil(self.warmup_ratio * total)
+            # int(): the released code's count of warmup steps (ceil would add one)
+            warmup = self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * total)
             scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -226,6 +232,7 @@ class PromptTuningSystem(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model, method or shape, saying what does not match."""
+        self._upgrade_layout(checkpoint)
         saved, expected = set(checkpoint.get("state_dict", {})), self.trainable_keys()
         # under FSDP the weights are flat shards: shapes are compared by the strategy's own loading
         own = {} if self._sharded() else self.state_dict()
@@ -255,6 +262,19 @@ class PromptTuningSystem(L.LightningModule):
             )
         if self._trainer is not None and self._trainer.training and "rng" in checkpoint:  # `.trainer` raises if unset
             set_rng_state(checkpoint["rng"])
+
+    def _upgrade_layout(self, checkpoint: dict[str, Any]) -> None:
+        """Weights saved in an earlier layout of the prompt module load; their optimizer state cannot resume."""
+        state = checkpoint.get("state_dict")
+        if self.prompt is None or state is None or not self.prompt.upgrade_state_dict(state, "prompt."):
+            return
+        if self._trainer is not None and self._trainer.training and checkpoint.get("optimizer_states"):
+            raise ValueError(
+                "the checkpoint keeps SMoP's prompts as a [K, L, d] parameter (the layout of earlier versions); "
+                "this version keeps one [K*L, d] table as the released code (Adafactor factorises per row and column "
+                "of it), so the saved optimizer state does not fit. Evaluate it with train=false ckpt_path=..., "
+                "or export it, or start a new run"
+            )
 
 
 def _select(config: Any, *keys: str) -> Any:

@@ -23,6 +23,8 @@ class Routing:
 class Router(nn.Module):
     """Base: holds the options every router shares."""
 
+    selects_one: bool = False  # one prompt per instance with a learned weight (where the released batch sum bites)
+
     def __init__(
         self,
         d_model: int,
@@ -37,6 +39,13 @@ class Router(nn.Module):
         self.load_balance_weight = load_balance_weight
         self.emulate_reference_batch_sum = emulate_reference_batch_sum
         self.consistency_weight = consistency_weight
+
+    @property
+    def batch_sum(self) -> bool:
+        """Whether the mixture reproduces the released code's batch sum: only when asked, and only where that code
+        has the defect, i.e. when one prompt is chosen per instance. Its top-k (k >= 2) and stochastic paths route
+        per instance, so there the flag reproduces the reference by changing nothing."""
+        return self.emulate_reference_batch_sum and self.selects_one
 
     def balance_loss(self, routing: Routing) -> Tensor | None:
         """Switch-style auxiliary loss alpha * K * sum_k mean(p_k) * frac_k (off when alpha is 0)."""
@@ -62,6 +71,7 @@ class LinearRouter(Router):
         if not 1 <= topk <= num_prompts:
             raise ValueError(f"router.topk={topk} must be between 1 and method.num_prompts={num_prompts}")
         self.topk = topk
+        self.selects_one = topk == 1
         self.perturb = perturb
         self.linear = nn.Linear(d_model, num_prompts, bias=False)
         nn.init.orthogonal_(self.linear.weight)
@@ -82,6 +92,8 @@ class GumbelRouter(Router):
     The forward weight is 1 in both modes; in training the gradient flows through the soft sample.
     (The reference sampled at evaluation too, which made its scores random: we do not.)
     """
+
+    selects_one = True
 
     def __init__(self, d_model: int, num_prompts: int, tau: float = 1.0, **kwargs) -> None:
         super().__init__(d_model, num_prompts, **kwargs)

@@ -128,7 +128,7 @@ KNOWN: dict[str, tuple[dict[str, Any], list[str], list[str]]] = {
             ["rte sentence1: Dana Reeve died of lung cancer. sentence2: Dana Reeve is dead."], ["entailment"]),
     "cb": ({"premise": "It was raining all night.", "hypothesis": "The ground is wet.", "label": "neutral",
             "idx": 3},
-           ["cb hypothesis: The ground is wet. premise: It was raining all night."], ["neutral"]),
+           ["cb hyopthesis: The ground is wet.. premise: It was raining all night."], ["neutral"]),  # released typo
     "copa": ({"premise": "My body cast a shadow over the grass.", "choice1": "The sun was rising.",
               "choice2": "The grass was cut.", "question": "cause", "label": 0, "idx": 0},
              ["choice1: The sun was rising. choice2: The grass was cut. premise: My body cast a shadow over the "
@@ -146,9 +146,9 @@ KNOWN: dict[str, tuple[dict[str, Any], list[str], list[str]]] = {
             {"text": "An apple", "idx": 20, "label": 1}, {"text": "A pear", "idx": 21, "label": 0}]},
         {"question": "What did he do next?", "idx": 10, "answers": [
             {"text": "He slept", "idx": 22, "label": 1}]}]}},
-                ["question: What did Sam eat? answer: An apple paragraph: Sam ate an apple. Then he slept.",
-                 "question: What did Sam eat? answer: A pear paragraph: Sam ate an apple. Then he slept.",
-                 "question: What did he do next? answer: He slept paragraph: Sam ate an apple. Then he slept."],
+                ["question: What did Sam eat? answer: An apple. paragraph: Sam ate an apple. Then he slept.",
+                 "question: What did Sam eat? answer: A pear. paragraph: Sam ate an apple. Then he slept.",
+                 "question: What did he do next? answer: He slept. paragraph: Sam ate an apple. Then he slept."],
                 ["True", "False", "True"]),
 }
 
@@ -221,7 +221,7 @@ def test_hub_integer_labels_and_flat_multirc(task: str, monkeypatch: pytest.Monk
     assert [decoded(r["labels"]) for r in rows] == [LABEL_WORDS[task][row["label"]] for row in test]
     if task == "multirc":
         assert [decoded(r["input_ids"]) for r in rows] == [
-            f"question: {row['question']} answer: {row['answer']} paragraph: {row['paragraph']}" for row in test]
+            f"question: {row['question']} answer: {row['answer']}. paragraph: {row['paragraph']}" for row in test]
         by_question = Counter(r["group"] for r in rows)
         assert len(by_question) == 2 * n  # two questions per paragraph, answers 3 + 2
         assert sorted(by_question.values()) == [2, 2, 3, 3]
@@ -253,7 +253,7 @@ def test_multirc_one_example_per_answer_grouped_by_question(task_dir) -> None:
     assert len(rows) == len(answers) == 15
     groups = [r["group"] for r in rows]
     for (question, answer), row in zip(answers, rows, strict=True):
-        assert decoded(row["input_ids"]).startswith(f"question: {question} answer: {answer['text']} paragraph: ")
+        assert decoded(row["input_ids"]).startswith(f"question: {question} answer: {answer['text']}. paragraph: ")
         assert row["label_index"] == answer["label"]
     # same question -> same group; different questions (also across paragraphs) -> different groups
     question_of = [question for question, _ in answers]
@@ -274,13 +274,13 @@ def test_split_train_val_stratified_seeded_disjoint() -> None:
     assert not set(train) & set(val)
     assert sorted(train + val) == list(range(len(labels)))
     counts = Counter(labels[i] for i in val)
-    for label, n in Counter(labels).items():
-        assert counts[label] == n - round(n * 0.9)  # per label, within rounding
+    # the reference's count per label: n*9//10 train (floor), the rest val; rounding would give 2 / 3 / 1 / 0
+    assert [counts[label] for label in "abcd"] == [5, 3, 1, 1]
     assert (train, val) == split_train_val(labels, 0.1, seed=1)
     assert (train, val) == split_train_val(list(labels), 0.1, seed=1)
     assert val != split_train_val(labels, 0.1, seed=2)[1]
     _, val3 = split_train_val(labels, 0.25, seed=1)
-    assert len(val3) == sum(n - round(n * 0.75) for n in Counter(labels).values())
+    assert len(val3) == sum(n - n * 3 // 4 for n in Counter(labels).values())
 
 
 @pytest.mark.parametrize("task", ["rte", "cb", "boolq"])
@@ -304,7 +304,7 @@ def test_datamodule_split(task: str, task_dir, tmp_path: Path) -> None:
     assert not set(texts["train"]) & set(texts["val"])
     assert texts["test"] == [dm.task.template.format(**r) for r in test_records]
     val_labels = Counter(r["label_index"] for r in dm.splits["val"])
-    assert [val_labels[k] for k in range(len(per_label))] == [n - round(0.9 * n) for n in per_label]
+    assert [val_labels[k] for k in range(len(per_label))] == [4, 3, 2][: len(per_label)]  # n - n*9//10
     assert split(0)[0] == texts
     assert split(1)[0]["val"] != texts["val"]
     assert split(1)[0]["test"] == texts["test"]
@@ -313,7 +313,7 @@ def test_datamodule_split(task: str, task_dir, tmp_path: Path) -> None:
 @pytest.mark.parametrize("layout", ["jsonl", "hub"])
 def test_multirc_split_by_paragraph(layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No paragraph (hence no question) in both train and val, in the official and in the hub's flat layout."""
-    paragraphs = 40
+    paragraphs = 35  # the reference's count keeps 35*9//10 = 31 for training (rounding would keep 32)
     if layout == "jsonl":
         folder = tmp_path / "multirc"
         write_jsonl(folder / "train.jsonl", [record("multirc", i, i % 2) for i in range(paragraphs)])
@@ -334,7 +334,7 @@ def test_multirc_split_by_paragraph(layout: str, tmp_path: Path, monkeypatch: py
     train, val = paragraph_sets(0)
     assert not train & val
     assert len(train | val) == paragraphs
-    assert len(val) == paragraphs - round(0.9 * paragraphs)
+    assert len(val) == 4
     assert paragraph_sets(0) == (train, val)
     assert paragraph_sets(1)[1] != val
 
@@ -348,12 +348,12 @@ def closing_part(task: str, rec: dict[str, Any]) -> tuple[str, str]:
     """(what must start the text, what must end it) after the long field was cut."""
     return {
         "rte": ("rte sentence1: Premise", f" sentence2: {rec.get('hypothesis')}"),
-        "cb": (f"cb hypothesis: {rec.get('hypothesis')} premise: Premise", ""),
+        "cb": (f"cb hyopthesis: {rec.get('hypothesis')}. premise: Premise", ""),
         "copa": (f"choice1: {rec.get('choice1')} choice2: {rec.get('choice2')} premise: Premise",
                  f" question: {rec.get('question')}"),
         "wic": ("wic sentence1: First", f" sentence2: {rec.get('sentence2')} word: {rec.get('word')}"),
         "boolq": ("boolq passage: Passage", f" question: {rec.get('question')}"),
-        "multirc": ("question: Question 0.0? answer: Answer 0.0.0 paragraph: Paragraph", ""),
+        "multirc": ("question: Question 0.0? answer: Answer 0.0.0. paragraph: Paragraph", ""),
     }[task]
 
 
@@ -378,7 +378,7 @@ def test_truncation_keeps_closing_fields_and_eos(task: str, task_dir) -> None:
     # a short record is left as it is
     if task == "multirc":
         short_texts = [decoded(r["input_ids"]) for r in rows if "Paragraph 1." in decoded(r["input_ids"])]
-        assert short_texts[0] == "question: Question 1.0? answer: Answer 1.0.0 paragraph: Paragraph 1."
+        assert short_texts[0] == "question: Question 1.0? answer: Answer 1.0.0. paragraph: Paragraph 1."
     else:
         assert decoded(rows[1]["input_ids"]) == dm.task.template.format(**short_record)
 

@@ -31,7 +31,7 @@ def run(names: list[str], num_classes: int, preds: list[int], target: list[int],
 @pytest.mark.parametrize(("text", "expected"), [
     ("Entailment", "entailment"),
     ("The Entailment.", "entailment"),
-    ("not_entailment!", "not_entailment"),
+    ("not_entailment!", "notentailment"),  # the released normalize_answer removes "_" too
     ("  A   True  ", "true"),
     ("an apple, the pie", "apple pie"),
     ("answer theory", "answer theory"),  # articles only as whole words
@@ -46,8 +46,11 @@ def test_normalize(text: str, expected: str) -> None:
 
 def test_to_label_index() -> None:
     words = ["entailment", "not_entailment"]
-    outputs = ["entailment", "Not_Entailment.", "the entailment", "maybe", "", "not entailment", "entailment x"]
-    assert to_label_index(outputs, words).tolist() == [0, 1, 0, -1, -1, -1, -1]
+    outputs = ["entailment", "Not_Entailment.", "the entailment", "maybe", "", "not entailment", "entailment x",
+               "notentailment", "not-entailment"]
+    assert to_label_index(outputs, words).tolist() == [0, 1, 0, -1, -1, -1, -1, 1, 1]
+    with pytest.raises(ValueError, match="not distinct"):
+        to_label_index(["a_b"], ["ab", "a_b"])
     assert to_label_index(["true", "FALSE", "yes"], ["False", "True"]).tolist() == [1, 0, -1]
     assert to_label_index(["choice2", "Choice1!", "choice"], ["choice1", "choice2"]).tolist() == [1, 0, -1]
     assert to_label_index([], words).dtype == torch.long

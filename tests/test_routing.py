@@ -37,7 +37,7 @@ def by_hand(module: SparseMixtureOfPrompts, embeds: torch.Tensor, mask: torch.Te
         xbar = e[m.bool()].mean(0)
         p = F.softmax(module.router.linear.weight @ xbar, dim=-1)
         c = int(p.argmax())
-        rows.append(p[c] * module.prompts[c])
+        rows.append(p[c] * module.per_prompt[c])
     return torch.stack(rows)
 
 
@@ -98,7 +98,7 @@ def test_top2_sums_two_weighted_prompts():
     for i in range(embeds.shape[0]):
         p = F.softmax(module.router.linear.weight @ embeds[i][mask[i].bool()].mean(0), dim=-1)
         top = p.topk(2).indices
-        expected = p[top[0]] * module.prompts[top[0]] + p[top[1]] * module.prompts[top[1]]
+        expected = p[top[0]] * module.per_prompt[top[0]] + p[top[1]] * module.per_prompt[top[1]]
         torch.testing.assert_close(out.prompt[i], expected)
 
 
@@ -108,11 +108,50 @@ def test_emulation_flag_reproduces_the_released_batch_sum():
     out = module(embeds, mask)
     p = F.softmax(masked_mean(embeds, mask) @ module.router.linear.weight.T, dim=-1)
     chosen = p.argmax(-1)
-    batch_sum = module.prompts[chosen].sum(0)  # every routed prompt in the batch
+    batch_sum = module.per_prompt[chosen].sum(0)  # every routed prompt in the batch
     expected = p.gather(-1, chosen[:, None])[:, :, None] * batch_sum
     torch.testing.assert_close(out.prompt, expected)
     # and the defect is real: an instance's prompt now depends on the rest of its batch
     assert not torch.allclose(module(embeds[:1], mask[:1]).prompt[0], out.prompt[0])
+
+
+@pytest.mark.parametrize("router_options", [{"topk": 2}, {"topk": 3, "perturb": False}])
+def test_emulation_flag_changes_nothing_where_the_released_code_routes_per_instance(router_options):
+    """The released code has the batch sum only for top-1: with k >= 2 it routes per instance."""
+    flagged = mixture(emulate_reference_batch_sum=True, **router_options).eval()
+    plain = mixture(**router_options).eval()
+    embeds, mask = batch()
+    torch.testing.assert_close(flagged(embeds, mask).prompt, plain(embeds, mask).prompt)
+    torch.testing.assert_close(flagged(embeds[:1], mask[:1]).prompt[0], flagged(embeds, mask).prompt[0])
+
+
+def test_emulation_flag_changes_nothing_for_the_stochastic_router():
+    flagged = mixture(StochasticRouter, emulate_reference_batch_sum=True)
+    embeds, mask = batch()
+    torch.manual_seed(5)
+    trained = flagged.train()(embeds, mask)
+    torch.testing.assert_close(trained.prompt, flagged.per_prompt[trained.routes[:, 0]])  # its own prompt each
+    torch.testing.assert_close(flagged.eval()(embeds, mask).prompt[0], flagged.per_prompt.mean(0))
+
+
+def test_prompts_are_one_table_so_adafactor_factorises_it_as_the_released_code():
+    """The released code keeps the K prompts as one [K*L, d] matrix; Adafactor's factored second moment is per row
+    and column of it. One step on our parameter equals a step on that matrix, and differs from a [K, L, d] one."""
+    from transformers.optimization import Adafactor
+
+    options = {"lr": 0.5, "scale_parameter": False, "relative_step": False, "warmup_init": False, "weight_decay": 1e-5}
+    module = mixture(topk=1, perturb=False).train()
+    assert module.prompts.shape == (K * L, D)
+    released = module.prompts.detach().clone().requires_grad_()  # the reference's [K*L, d] table
+    per_prompt = module.prompts.detach().clone().view(K, L, D).requires_grad_()  # the earlier layout
+    embeds, mask = batch()
+    module(embeds, mask).prompt.pow(2).sum().backward()
+    grad = module.prompts.grad.clone()
+    released.grad, per_prompt.grad = grad.clone(), grad.view(K, L, D).clone()
+    for params in ([module.prompts], [released], [per_prompt]):
+        Adafactor(params, **options).step()
+    torch.testing.assert_close(module.prompts.detach(), released.detach(), rtol=0, atol=0)
+    assert (module.prompts.detach() - per_prompt.detach().view(K * L, D)).abs().max() > 1e-3
 
 
 def test_gradients_reach_router_only_through_the_weight():
@@ -122,7 +161,7 @@ def test_gradients_reach_router_only_through_the_weight():
     assert module.router.linear.weight.grad is not None and module.router.linear.weight.grad.abs().sum() > 0
     used = set(module(embeds, mask).routes.flatten().tolist())
     for k in range(K):  # unused prompts get no gradient: routing is sparse
-        assert (module.prompts.grad[k].abs().sum() > 0) == (k in used)
+        assert (module.prompts.grad.view(K, L, D)[k].abs().sum() > 0) == (k in used)
 
 
 def test_gumbel_is_straight_through_in_training_and_deterministic_at_eval():
@@ -130,7 +169,7 @@ def test_gumbel_is_straight_through_in_training_and_deterministic_at_eval():
     embeds, mask = batch()
     module.train()
     out = module(embeds, mask)
-    torch.testing.assert_close(out.prompt, module.prompts[out.routes[:, 0]])  # hard one-hot forward value
+    torch.testing.assert_close(out.prompt, module.per_prompt[out.routes[:, 0]])  # hard one-hot forward value
     module.eval()
     first, second = module(embeds, mask), module(embeds, mask)
     torch.testing.assert_close(first.prompt, second.prompt)
@@ -145,13 +184,13 @@ def test_stochastic_router_random_in_training_mean_at_eval():
     routes = module(embeds, mask).routes[:, 0]
     assert len(set(routes.tolist())) > 1
     module.eval()
-    torch.testing.assert_close(module(embeds, mask).prompt[3], module.prompts.mean(0))
+    torch.testing.assert_close(module(embeds, mask).prompt[3], module.per_prompt.mean(0))
 
 
 def test_single_router_uses_its_one_prompt():
     module = mixture(SingleRouter, num_prompts=1).eval()
     embeds, mask = batch()
-    torch.testing.assert_close(module(embeds, mask).prompt, module.prompts[0].expand(5, L, D))
+    torch.testing.assert_close(module(embeds, mask).prompt, module.per_prompt[0].expand(5, L, D))
     with pytest.raises(ValueError, match="num_prompts=4"):
         mixture(SingleRouter, num_prompts=4)
 

@@ -30,7 +30,31 @@ def test_training_step_leaves_backbone_bit_for_bit_and_moves_the_prompt(make_cfg
     for name, value in system.backbone.state_dict().items():
         assert torch.equal(value, backbone_before[name]), name
     assert any(not torch.equal(v, prompt_before[k]) for k, v in system.prompt.state_dict().items())
-    assert not system.backbone.training  # frozen backbone stays in eval mode (no dropout) while training
+    assert system.backbone.training  # the frozen backbone's dropout is live in training, as in the references
+
+
+@pytest.mark.parametrize(("method", "live"), [("smop", True), ("prompt_tuning", True), ("fpt", False)])
+def test_backbone_dropout_in_training_follows_the_reference_and_is_seeded(make_cfg, method, live):
+    """SMoP, prompt tuning (and DePT, LoPA) train with the frozen T5's dropout live; FPT's scripts set it to 0.
+    Either way evaluation has none, and the same seed gives the same losses."""
+    cfg = make_cfg(f"method={method}", "method.prompt_length=5", *SYNTHETIC)
+    assert cfg.method.train_dropout is live
+    system, batch = build(cfg)
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+    def losses(seed: int) -> list[float]:
+        torch.manual_seed(seed)
+        return [system(*args)[0].item() for _ in range(2)]
+
+    system.train()
+    assert system.backbone.training is live
+    assert (losses(0)[0] != losses(0)[1]) is live  # dropout draws new masks each pass, or there is none
+    assert losses(0) == losses(0)  # deterministic per seed
+    system.eval()
+    assert not system.backbone.training
+    assert losses(0)[0] == losses(1)[1]
+    off, _ = build(make_cfg(f"method={method}", "method.prompt_length=5", "method.train_dropout=false", *SYNTHETIC))
+    assert not off.train().backbone.training
 
 
 @pytest.mark.parametrize("method", ["lora_smop", "lora_prompt_tuning", "lora_p_tuning"])
@@ -75,6 +99,31 @@ def test_checkpoint_holds_only_trainable_weights_and_loads_with_weights_only(mak
     system.on_load_checkpoint(loaded)  # matches: no error
 
 
+def test_checkpoint_of_the_earlier_per_prompt_layout_loads_for_evaluation_only(make_cfg):
+    """SMoP's prompts were once a [K, L, d] parameter; now one [K*L, d] table (as released). The same weights
+    load; resuming training from such a checkpoint is refused (its Adafactor factors are per prompt)."""
+    system, _ = build(make_cfg(*SYNTHETIC))
+    checkpoint = {"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}
+    system.on_save_checkpoint(checkpoint)
+    table = checkpoint["state_dict"]["prompt.prompts"].clone()
+    assert table.shape == (20, 128)
+    checkpoint["state_dict"]["prompt.prompts"] = table.view(4, 5, 128).clone()  # the old layout
+    fresh, _ = build(make_cfg("seed=1", *SYNTHETIC))
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"], strict=False)
+    assert torch.equal(fresh.prompt.prompts, table)
+    assert torch.equal(fresh.prompt.per_prompt[2], table[10:15])  # prompt k is rows k*L .. (k+1)*L - 1
+
+    class Fitting:
+        training = True
+
+    checkpoint["state_dict"]["prompt.prompts"] = table.view(4, 5, 128).clone()
+    checkpoint["optimizer_states"] = [{"state": {}}]
+    fresh._trainer = Fitting()
+    with pytest.raises(ValueError, match=r"\[K, L, d\] parameter .* train=false"):
+        fresh.on_load_checkpoint(checkpoint)
+
+
 def test_mismatched_checkpoint_is_refused_with_what_differs(make_cfg):
     smop, _ = build(make_cfg(*SYNTHETIC))
     wider, _ = build(make_cfg("method.num_prompts=6", *SYNTHETIC))
@@ -112,14 +161,19 @@ def test_foreign_checkpoint_is_refused(make_cfg, tmp_path):
         run(make_cfg(f"ckpt_path={path}", *SYNTHETIC))
 
 
-def test_consistency_loss_is_zero_for_equal_logits_and_symmetric():
-    logits_a, logits_b = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
-    labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
-    assert consistency_loss(logits_a, logits_a, labels).item() == pytest.approx(0.0, abs=1e-6)
-    torch.testing.assert_close(
-        consistency_loss(logits_a, logits_b, labels), consistency_loss(logits_b, logits_a, labels)
-    )
-    assert consistency_loss(logits_a, logits_b, labels) > 0
+def test_consistency_loss_is_the_released_batchmean_kl_with_gradient_through_each_input():
+    """0.5 * (kl_div(log q_a, sg p_b) + kl_div(log q_b, sg p_a)), `batchmean`: the sum over every position (label
+    padding included) and the vocabulary, over B. d/d logits_a = 0.5 * (q_a - p_b) / B: only through the input."""
+    logits_a = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+    logits_b = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+    p_a, p_b = logits_a.softmax(-1), logits_b.softmax(-1)
+    by_hand = 0.5 * ((p_b * (p_b.log() - p_a.log())).sum() + (p_a * (p_a.log() - p_b.log())).sum()) / 2
+    loss = consistency_loss(logits_a, logits_b)
+    torch.testing.assert_close(loss.double(), by_hand)
+    loss.backward()
+    torch.testing.assert_close(logits_a.grad, (0.5 * (p_a - p_b) / 2).detach())
+    torch.testing.assert_close(logits_b.grad, (0.5 * (p_b - p_a) / 2).detach())
+    assert consistency_loss(logits_a, logits_a).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_stochastic_router_with_consistency_runs_two_passes(make_cfg):

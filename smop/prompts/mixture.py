@@ -2,11 +2,15 @@
 
 The router reads the masked mean of the frozen input embeddings (padding excluded, EOS included).
 Instance i receives sum_{j in its top-k} p_ij * P_j, composed for the whole batch with one gather.
+
+The K prompts are one [K*L, d] parameter, as in the released code, viewed as [K, L, d]: Adafactor factorises
+the second moment of a 2-D parameter per row and column, so the layout decides its trajectory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,22 +41,39 @@ class SparseMixtureOfPrompts(PromptModule):
     ) -> None:
         super().__init__()
         tables = [init_prompt(prompt_length, embedding, init, tokenizer, init_text) for _ in range(num_prompts)]
-        self.prompts = nn.Parameter(torch.stack(tables))  # [K, L, d]
+        self.prompts = nn.Parameter(torch.cat(tables))  # [K*L, d]: prompt k is rows k*L .. (k+1)*L - 1
+        self.length = prompt_length
         self.router = router(d_model=embedding.embedding_dim, num_prompts=num_prompts)
         self.consistency_weight = self.router.consistency_weight
 
     @property
     def num_prompts(self) -> int:
-        return self.prompts.shape[0]
+        return self.prompts.shape[0] // self.length
 
     @property
     def prompt_length(self) -> int:
-        return self.prompts.shape[1]
+        return self.length
+
+    @property
+    def per_prompt(self) -> Tensor:
+        """The table as [K, L, d] (a view: gradients reach the [K*L, d] parameter)."""
+        return self.prompts.view(self.num_prompts, self.length, -1)
+
+    def upgrade_state_dict(self, state: dict[str, Any], prefix: str = "") -> bool:
+        """Reshape a table saved in the earlier [K, L, d] layout to [K*L, d], in place; True when it did.
+
+        The weights are the same numbers; only an optimizer state saved with them (Adafactor's per-prompt
+        factors) cannot carry over, which the system checks."""
+        key = prefix + "prompts"
+        if key in state and state[key].dim() == 3:
+            state[key] = state[key].reshape(-1, state[key].shape[-1])
+            return True
+        return False
 
     def forward(self, input_embeds: Tensor, attention_mask: Tensor) -> PromptOutput:
         routing = self.router(masked_mean(input_embeds, attention_mask))
-        chosen = self.prompts.to(input_embeds.dtype)[routing.indices]  # [B, k, L, d]: one batched gather
-        if self.router.emulate_reference_batch_sum:
+        chosen = self.per_prompt.to(input_embeds.dtype)[routing.indices]  # [B, k, L, d]: one batched gather
+        if self.router.batch_sum:
             # The released code's broadcasting: every instance gets the sum of all routed prompts in the
             # batch, scaled by its own weight. Predictions then depend on the batch. For comparison only.
             chosen = chosen.sum(0, keepdim=True).expand_as(chosen)
