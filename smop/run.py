@@ -75,6 +75,7 @@ def build_system(cfg: DictConfig, datamodule: SuperGLUEDataModule, tokenizer: An
         lr_schedule=cfg.method.get("lr_schedule", "linear"),
         max_new_tokens=datamodule.max_target_length,
         train_backbone=cfg.method.train_backbone,
+        train_dropout=cfg.method.get("train_dropout", True),
         lora=OmegaConf.to_container(cfg.method.lora) if cfg.method.get("lora") else None,
         config=OmegaConf.to_container(cfg, resolve=True),
     )

@@ -50,6 +50,10 @@ class PromptModule(nn.Module, ABC):
         """Optimizer parameter groups; a group without "lr" uses the optimizer's (method.lr)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
+    def upgrade_state_dict(self, state: dict[str, Tensor], prefix: str = "") -> bool:
+        """Bring weights saved in an earlier layout of this module to the current one, in place; True if it did."""
+        return False
+
     @property
     @abstractmethod
     def prompt_length(self) -> int:
