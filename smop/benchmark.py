@@ -281,7 +281,7 @@ def method_config(spec: DictConfig, optimizer: str) -> DictConfig:
 
 
 def build_ours(root: DictConfig, backbone: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
-               task: Task, device: torch.device, autocast: Callable[[], Any]) -> Runner:
+               task: Task, device: torch.device, autocast: Callable[[], Any], train_dropout: bool) -> Runner:
     """Our PromptTuningSystem, exactly as train.py builds it, driven by a plain loop (see docs)."""
     full = bool(root.method.train_backbone)
     snapshot = {k: v.detach().to("cpu", copy=True) for k, v in backbone.state_dict().items()} if full else None
@@ -289,7 +289,8 @@ def build_ours(root: DictConfig, backbone: T5ForConditionalGeneration, tokenizer
         backbone.requires_grad_(True)  # full fine-tuning trains the shared backbone; restored on close
     lora = OmegaConf.to_container(root.method.lora) if root.method.get("lora") else None
     system = PromptTuningSystem(backbone, tokenizer, task, build_prompt(root, backbone, tokenizer),
-                                optimizer=instantiate(root.optimizer), train_backbone=full, lora=lora).to(device)
+                                optimizer=instantiate(root.optimizer), train_backbone=full, train_dropout=train_dropout,
+                                lora=lora).to(device)
     system.train()
     optimizer = system.optimizer_factory(system.param_groups())  # the method's groups (DePT, LoRA: two lrs)
 
@@ -312,7 +313,7 @@ def build_ours(root: DictConfig, backbone: T5ForConditionalGeneration, tokenizer
 
 
 def build_lightning(root: DictConfig, backbone: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
-                    task: Task, device: torch.device, precision: str) -> Runner:
+                    task: Task, device: torch.device, precision: str, train_dropout: bool) -> Runner:
     """The same system trained by Lightning's Trainer, timed by the project's TrainingCost callback:
     what a real run's `cost.step_time_s_median` measures, hooks and logging included."""
     import lightning as L
@@ -320,7 +321,7 @@ def build_lightning(root: DictConfig, backbone: T5ForConditionalGeneration, toke
     from smop.costs import TrainingCost
 
     system = PromptTuningSystem(backbone, tokenizer, task, build_prompt(root, backbone, tokenizer),
-                                optimizer=instantiate(root.optimizer))
+                                optimizer=instantiate(root.optimizer), train_dropout=train_dropout)
 
     def run(batches: list[Batch], warmup: int) -> list[float]:
         cost = TrainingCost()
@@ -345,7 +346,7 @@ def build_peft(root: DictConfig, backbone: T5ForConditionalGeneration, device: t
     config = PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=length,
                                 num_transformer_submodules=1)
     model = get_peft_model(twin_on_same_weights(backbone), config).to(device)
-    model.train(train_mode)  # False: frozen backbone in eval mode (no dropout), as our system keeps it
+    model.train(train_mode)  # the frozen backbone's dropout as in the other variants (benchmark.train_dropout)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate(root.optimizer)(params)
 
@@ -361,12 +362,13 @@ def build_peft(root: DictConfig, backbone: T5ForConditionalGeneration, device: t
 
 
 def build_bare(root: DictConfig, backbone: T5ForConditionalGeneration, device: torch.device,
-               autocast: Callable[[], Any]) -> Runner:
+               autocast: Callable[[], Any], train_dropout: bool) -> Runner:
     """The floor: a plain nn.Parameter prompt concatenated to the embedding output, no project class."""
     length = int(root.method.prompt_length)
     prompt = nn.Parameter(torch.randn(length, backbone.config.d_model, device=device))
     optimizer = instantiate(root.optimizer)([prompt])
     embed = backbone.get_input_embeddings()
+    backbone.train(train_dropout)  # shared with the other variants, which may have left it in another mode
 
     def step(batch: Batch) -> None:
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -480,14 +482,15 @@ class Bench:
         """A fresh variant, seeded: the same initial prompt in every setting."""
         torch.manual_seed(self.cfg.seed)
         spec, root = self.specs[name], self.roots[name]
+        dropout = bool(self.cfg.train_dropout)
         if spec.runner == "ours":
-            return build_ours(root, self.backbone, self.tokenizer, task, self.device, self.autocast)
+            return build_ours(root, self.backbone, self.tokenizer, task, self.device, self.autocast, dropout)
         if spec.runner == "lightning":
-            return build_lightning(root, self.backbone, self.tokenizer, task, self.device, self.cfg.precision)
+            return build_lightning(root, self.backbone, self.tokenizer, task, self.device, self.cfg.precision, dropout)
         if spec.runner == "peft":
-            return build_peft(root, self.backbone, self.device, self.autocast, self.cfg.peft_train_mode)
+            return build_peft(root, self.backbone, self.device, self.autocast, dropout)
         if spec.runner == "bare":
-            return build_bare(root, self.backbone, self.device, self.autocast)
+            return build_bare(root, self.backbone, self.device, self.autocast, dropout)
         raise ValueError(f"variant {name}: runner={spec.runner}; allowed: ours, lightning, peft, bare")
 
     def summarise(self, times: list[float], cpu_times: list[float] | None) -> dict[str, Any]:

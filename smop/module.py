@@ -80,6 +80,8 @@ class PromptTuningSystem(L.LightningModule):
         routed = prompt is not None and prompt.routes
         self.routing = nn.ModuleDict({_key(s): RoutingCounts(prompt.num_prompts) for s in SPLITS}) if routed else None
         self.routing_counts: dict[str, list[int]] = {}
+        # Lightning keeps each submodule's mode at the start of fit (it no longer calls .train()): set it here
+        self.train(self.training)
 
     # --- the model ---------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> PromptTuningSystem:

@@ -40,6 +40,7 @@ def test_backbone_dropout_in_training_follows_the_reference_and_is_seeded(make_c
     cfg = make_cfg(f"method={method}", "method.prompt_length=5", *SYNTHETIC)
     assert cfg.method.train_dropout is live
     system, batch = build(cfg)
+    assert system.backbone.training is live  # as built: Lightning's fit keeps the modes it finds
     args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
 
     def losses(seed: int) -> list[float]:
