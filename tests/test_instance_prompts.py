@@ -1,16 +1,30 @@
 """IDPG and LoPA: prompts per instance from a frozen encoder (the backbone's or a separate one by name),
-deterministic in eval, only the generators train."""
+deterministic in eval, only the generators train; the reference's bottleneck width, pooling per encoder kind,
+left truncation of the encoder's input and optimizer recipes (METHODS.md)."""
 
 from __future__ import annotations
 
 import string
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import SYNTHETIC, build, fit_fixed_batch
 from hydra.errors import InstantiationException
-from transformers import BertConfig, BertModel, BertTokenizer, ByT5Tokenizer, T5Config, T5Model
+from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizer,
+    ByT5Tokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    GPT2Config,
+    GPT2Model,
+    T5Config,
+    T5Model,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.t5.modeling_t5 import T5Stack
 
 from smop.backbones import HubUnreachableError, build_tokenizer
@@ -19,13 +33,14 @@ from smop.data.synthetic import synthetic_mixture
 from smop.export import export
 from smop.loading import load, pad_inputs
 from smop.prompts.base import EncoderBatch
-from smop.prompts.instance import PretrainedEncoder
+from smop.prompts.instance import PretrainedEncoder, encoder_tokenizer, pool
 from smop.prompts.mixture import masked_mean
 from smop.run import build_datamodule, count_parameters, run
 from smop.serving import PromptServer
 
 METHODS = ["idpg", "lopa"]
-D, H, M, R = 128, 256, 10, 4  # tiny T5's width, the reference's generator bottleneck, prompt length, LoPA rank
+D, M, R = 128, 10, 4  # tiny T5's width, prompt length, LoPA rank
+H = D  # the generators' bottleneck: the encoder's width by default (both LoPA repositories), here the backbone's
 
 
 def prompts(system, batch) -> torch.Tensor:
@@ -112,7 +127,10 @@ def test_flop_count_includes_the_extra_encoder_pass(make_cfg):
     ("method", "overrides"), [("idpg", ["method.lr=3e-3"]), ("lopa", ["method.lr=1e-2", "method.shared_lr=0.1"])]
 )
 def test_loss_on_a_fixed_batch_halves(make_cfg, method, overrides):
-    system, batch = build(make_cfg(f"method={method}", *overrides, "dataset.batch_size=8", *SYNTHETIC))
+    # whether the generators learn at all: without the backbone's dropout (live by default, as in the reference),
+    # whose noise would blur a 30-step check
+    overrides = [*overrides, "method.train_dropout=false", "dataset.batch_size=8"]
+    system, batch = build(make_cfg(f"method={method}", *overrides, *SYNTHETIC))
     optimizer = torch.optim.AdamW(system.param_groups(), lr=system.hparams["method"]["lr"])
     losses = fit_fixed_batch(system, batch, optimizer, 30)
     assert min(losses[-5:]) <= 0.5 * losses[0], losses[::5]
@@ -124,26 +142,36 @@ ENC_WIDTH, ENC_FF, ENC_POSITIONS = 32, 64, 16  # the tiny BERT below: narrower t
 
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory) -> dict[str, Path]:
-    """Two local encoder folders as a hub download would leave them: a 1-layer BERT with a character-level WordPiece
-    tokenizer (an encoder-only model), and a 1-layer T5 with the byte tokenizer (an encoder-decoder: its encoder)."""
+    """Local encoder folders as a hub download would leave them, one per kind: a 1-layer BERT with a character-level
+    WordPiece tokenizer (an encoder-only masked LM, with a pooler), the same with 600 positions (longer than the
+    reference's 512), a 1-layer T5 with the byte tokenizer (an encoder-decoder: its encoder), a 1-layer GPT-2
+    (decoder-only) and a CLIP text model (neither kind, with a pooler output: as a custom embedding model like
+    CodeSage), the last two reading the BERT's tokenizer."""
     root = tmp_path_factory.mktemp("encoders")
     chars = string.ascii_lowercase + string.digits + string.punctuation
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
-    BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(root / "bert")
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=ENC_WIDTH,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=ENC_FF,
-        max_position_embeddings=ENC_POSITIONS,  # shorter than many inputs: the tokenizer must truncate
-    )
-    BertModel(config).save_pretrained(root / "bert")
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
+    sizes = {"num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": ENC_FF}
+    for name, positions in (("bert", ENC_POSITIONS), ("long_bert", 600)):  # 16: shorter than many inputs
+        config = BertConfig(vocab_size=len(vocab), hidden_size=ENC_WIDTH, max_position_embeddings=positions, **sizes)
+        BertModel(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
     T5Model(
         T5Config(vocab_size=384, d_model=ENC_WIDTH, d_kv=8, d_ff=ENC_FF, num_layers=1, num_heads=2)
     ).save_pretrained(root / "t5")
     ByT5Tokenizer().save_pretrained(root / "t5")
-    return {"bert": root / "bert", "t5": root / "t5"}
+    special = {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}  # [CLS], [SEP], [PAD]
+    gpt2 = GPT2Config(
+        vocab_size=len(vocab), n_embd=ENC_WIDTH, n_layer=1, n_head=2, n_positions=ENC_POSITIONS, **special
+    )
+    GPT2Model(gpt2).save_pretrained(root / "gpt2")
+    clip = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=ENC_WIDTH, max_position_embeddings=ENC_POSITIONS, **sizes, **special
+    )
+    CLIPTextModel(clip).save_pretrained(root / "clip")
+    for name in ("gpt2", "clip"):
+        tokenizer.save_pretrained(root / name)
+    return {name: root / name for name in ("bert", "long_bert", "t5", "gpt2", "clip")}
 
 
 def encoder_prompts(system, batch, embeds=None) -> torch.Tensor:
@@ -151,8 +179,27 @@ def encoder_prompts(system, batch, embeds=None) -> torch.Tensor:
     return system.prompt(embeds, batch["attention_mask"], EncoderBatch.of(batch)).prompt
 
 
+def expected_pooling(output, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Each pooling spelled out on a right-padded batch, independently of `pool`."""
+    hidden = output.last_hidden_state
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last":  # right padding: the real tokens are the first mask.sum() of each row
+        return hidden[torch.arange(hidden.shape[0]), mask.sum(1) - 1]
+    if pooling == "pooler":
+        return output.pooler_output / output.pooler_output.norm(dim=-1, keepdim=True)
+    return masked_mean(hidden, mask)  # padding excluded
+
+
 @pytest.mark.parametrize(
-    ("method", "encoder", "pooling"), [("idpg", "bert", "mean"), ("lopa", "bert", "cls"), ("idpg", "t5", "mean")]
+    ("method", "encoder", "pooling"),
+    [
+        ("idpg", "bert", "mean"),
+        ("lopa", "bert", "cls"),
+        ("idpg", "t5", "mean"),
+        ("lopa", "bert", "pooler"),
+        ("idpg", "gpt2", "last"),
+    ],
 )
 def test_separate_encoder_prompts_read_its_own_ids_differ_and_are_deterministic(
     make_cfg, encoders, method, encoder, pooling
@@ -168,13 +215,12 @@ def test_separate_encoder_prompts_read_its_own_ids_differ_and_are_deterministic(
         unrelated = encoder_prompts(system, batch, torch.zeros(*batch["input_ids"].shape, D))
         pooled = system.prompt.pooled(None, None, EncoderBatch.of(batch))
         model = system.prompt.encoder.model
-        hidden = model(input_ids=batch["encoder_input_ids"], attention_mask=mask).last_hidden_state
-    assert isinstance(model, BertModel if encoder == "bert" else T5Stack)  # an encoder-decoder gives its encoder
+        output = model(input_ids=batch["encoder_input_ids"], attention_mask=mask)
+    assert isinstance(model, {"bert": BertModel, "t5": T5Stack, "gpt2": GPT2Model}[encoder])  # T5: its encoder
     assert first.shape == (batch["input_ids"].shape[0], M, D)
     assert torch.equal(first, second) and torch.equal(first, unrelated)
-    assert not torch.allclose(first[0], first[1])
-    expected = hidden[:, 0] if pooling == "cls" else masked_mean(hidden, mask)  # padding excluded
-    torch.testing.assert_close(pooled, expected)
+    assert not torch.equal(first[0], first[1])  # LoPA's gate starts near 1/2 (N(0, 0.02) heads): close, not equal
+    torch.testing.assert_close(pooled, expected_pooling(output, mask, pooling))
     with pytest.raises(ValueError, match="has no encoder_input_ids: build the DataModule with encoder_tokenizer"):
         system.prompt(system.backbone.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"])
 
@@ -285,7 +331,7 @@ def test_flops_with_a_separate_encoder_exceed_plain_prompt_tuning(make_cfg, enco
             counts[name] = (inference_flops(system, batch), train_step_flops(system, batch))
         if name == "encoder":
             tokens = batch["encoder_input_ids"].shape[1]
-    generator = H * ENC_WIDTH + H * M * D  # multiply-adds per example of IDPG's two linear layers
+    generator = ENC_WIDTH * ENC_WIDTH + ENC_WIDTH * M * D  # IDPG's two linear layers, H = the encoder's width
     encoder = tokens * (4 * ENC_WIDTH * ENC_WIDTH + 2 * ENC_WIDTH * ENC_FF)  # its projections and FFN, one layer
     assert counts["encoder"][0] - counts["pt"][0] > generator + encoder
     assert counts["encoder"][1] - counts["pt"][1] > generator + encoder  # the training step runs it too
@@ -322,7 +368,7 @@ def test_a_run_with_a_separate_encoder_checkpoints_exports_predicts_and_serves(m
             for loaded in (from_checkpoint, from_folder)
         ]
         inputs.append(server.encoder_inputs(server.batch([("mix", example) for example in examples]))[0])
-    assert not torch.allclose(inputs[0][0, :M], inputs[0][1, :M])  # prompts per instance: the check has teeth
+    assert not torch.equal(inputs[0][0, :M], inputs[0][1, :M])  # prompts per instance: the check has teeth
     for other in inputs[1:]:
         torch.testing.assert_close(other, inputs[0])
 
@@ -334,5 +380,125 @@ def test_an_unreachable_hub_encoder_says_how_to_run_offline(make_cfg):
         build(cfg)  # the DataModule asks for the encoder's tokenizer first
     with pytest.raises(HubUnreachableError, match=message):
         PretrainedEncoder("nobody/no-such-encoder", "mean")
-    with pytest.raises(InstantiationException, match="method.encoder_pooling=max: allowed mean, cls"):
+    allowed = "method.encoder_pooling=max: allowed auto, mean, cls, pooler, last"
+    with pytest.raises(InstantiationException, match=allowed):
         build(make_cfg("method=lopa", "method.encoder_pooling=max", *SYNTHETIC))
+
+
+# --- the reference's choices (issue 10, points 15-18) ------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("encoder", "width"), [(None, D), ("bert", ENC_WIDTH), ("t5", ENC_WIDTH)])
+def test_the_bottleneck_is_the_encoders_width_unless_given(make_cfg, encoders, method, encoder, width):
+    # both LoPA repositories: MLP_h=None -> the encoder's hidden size (768 for CodeBERT; here the tiny encoders')
+    chosen = [f"method.encoder={encoders[encoder]}"] if encoder else []
+    default, _ = build(make_cfg(f"method={method}", *chosen, *SYNTHETIC))
+    given, _ = build(make_cfg(f"method={method}", *chosen, "method.hidden_size=24", *SYNTHETIC))
+    for system, hidden in ((default, width), (given, 24)):
+        prompt = system.prompt
+        layers = [prompt.mlp] if method == "idpg" else [prompt.rows, prompt.cols]
+        shapes = [(mlp[1].in_features, mlp[1].out_features, mlp[3].in_features) for mlp in layers]
+        assert shapes == [(width, hidden, hidden)] * len(layers)  # x (width) -> H -> H -> out
+    with pytest.raises(InstantiationException, match="method.hidden_size=0: a positive width, or null"):
+        build(make_cfg(f"method={method}", "method.hidden_size=0", *SYNTHETIC))
+
+
+def test_each_pooling_against_a_hand_computation():
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]], [[5.0, 6.0], [7.0, 8.0], [0.0, 3.0]]])
+    output = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=torch.tensor([[3.0, 4.0], [0.0, -2.0]]))
+    right = torch.tensor([[1, 1, 0], [1, 1, 1]])  # row 0 right-padded
+    expected = {
+        "mean": [[2.0, 3.0], [4.0, 17 / 3]],  # over the real tokens only
+        "cls": [[1.0, 2.0], [5.0, 6.0]],
+        "last": [[3.0, 4.0], [0.0, 3.0]],  # the last REAL token: not row 0's padding
+        "pooler": [[0.6, 0.8], [0.0, -1.0]],  # L2-normalised: [3, 4] / 5
+    }
+    for pooling, values in expected.items():
+        torch.testing.assert_close(pool(output, right, pooling), torch.tensor(values))
+    left = torch.tensor([[0, 1, 1], [0, 0, 1]])  # left padding (the reference pads decoder-only inputs so)
+    torch.testing.assert_close(pool(output, left, "last"), torch.tensor([[9.0, 9.0], [0.0, 3.0]]))
+
+
+@pytest.mark.parametrize(
+    ("encoder", "pooling"), [(None, "mean"), ("bert", "cls"), ("t5", "mean"), ("gpt2", "last"), ("clip", "pooler")]
+)
+def test_auto_pooling_follows_the_encoders_kind(make_cfg, encoders, encoder, pooling):
+    # the reference: CLS for RoBERTa/CodeBERT, the normalised pooler output for CodeSage (a model of its own kind),
+    # the last token for decoder-only encoders; the masked mean for T5 (the backbone's own encoder included)
+    chosen = [f"method.encoder={encoders[encoder]}"] if encoder else []
+    cfg = make_cfg("method=idpg", *chosen, *SYNTHETIC)
+    assert cfg.method.encoder_pooling == "auto"  # the default
+    system, batch = build(cfg)
+    assert system.prompt.encoder.pooling == pooling
+    if encoder == "clip":  # what auto picked is what it computes: rows of norm 1
+        with torch.no_grad():
+            pooled = system.prompt.pooled(None, None, EncoderBatch.of(batch))
+        torch.testing.assert_close(pooled.norm(dim=-1), torch.ones(pooled.shape[0]))
+
+
+def test_pooler_is_refused_early_for_an_encoder_without_one(make_cfg, encoders):
+    with pytest.raises(ValueError, match=r"method.encoder_pooling=pooler, but method.encoder=.*t5 \(t5\) gives no"):
+        PretrainedEncoder(str(encoders["t5"]), "pooler")
+    with pytest.raises(ValueError, match=r"method.encoder=.*gpt2 \(gpt2\) gives no pooler output: use auto, mean"):
+        PretrainedEncoder(str(encoders["gpt2"]), "pooler")
+    with pytest.raises(InstantiationException, match="encoder_pooling=pooler needs an encoder with a pooler output"):
+        build(make_cfg("method=lopa", "method.encoder_pooling=pooler", *SYNTHETIC))  # the backbone's T5 encoder
+
+
+@pytest.mark.parametrize(("encoder", "limit"), [("bert", ENC_POSITIONS), ("long_bert", 512)])
+def test_a_long_encoder_input_keeps_its_last_tokens(make_cfg, encoders, encoder, limit):
+    # the reference: [CLS] + the last 510 tokens + [SEP] (left truncation at 512, specials kept); an encoder that
+    # reads fewer positions keeps the last (limit - 2)
+    cfg = make_cfg("method=idpg", f"method.encoder={encoders[encoder]}", *SYNTHETIC)
+    datamodule = build_datamodule(cfg, build_tokenizer(cfg.model.name_or_path))
+    text = " ".join(string.ascii_lowercase * 30) + " the end"  # 786 tokens: a letter each, then t ##h ##e e ##n ##d
+    [ids] = datamodule.encoder_ids([{"text": text}])
+    tokenizer = datamodule.encoder_tokenizer
+    assert tokenizer.model_max_length == limit and len(ids) == limit
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
+    assert tokens[-7:] == ["t", "##h", "##e", "e", "##n", "##d", "[SEP]"]  # the text's end survives
+    whole = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(whole) == 786 and ids[1:-1] == whole[-(limit - 2) :]  # exactly the last limit - 2 tokens
+    short = encoder_tokenizer(str(encoders[encoder]), max_length=8)  # a lower cap wins over the encoder's own
+    kept = short.convert_ids_to_tokens(short("abcdefghij", truncation=True).input_ids)
+    assert kept == ["[CLS]", "##e", "##f", "##g", "##h", "##i", "##j", "[SEP]"]
+
+
+def optimizer_and_schedule(system, total: int = 1000) -> tuple[torch.optim.Optimizer, list[float]]:
+    """What the system's configure_optimizers gives for a run of `total` steps: the optimizer, and the learning-rate
+    factor at steps 0, 250, 500, 750 and 1000."""
+    system.trainer = SimpleNamespace(estimated_stepping_batches=total)
+    configured = system.configure_optimizers()
+    factor = configured["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    return configured["optimizer"], [factor(step) for step in (0, 250, 500, 750, 1000)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("source", ["method", "experiment"])
+def test_the_optimizer_is_the_reference_training_command(make_cfg, encoders, method, source):
+    # METHODS.md: the README's command (plain python, no DeepSpeed): AdamW lr 1e-3, weight decay 0.01, constant lr
+    experiment = [f"experiment={method}_t5base", "model=t5-tiny", "dataset.source=synthetic"]
+    chosen = experiment if source == "experiment" else []
+    fine_tuned = [f"method.encoder={encoders['bert']}", "method.train_encoder=true", "method.encoder_lr=1e-5"]
+    cfg = make_cfg(f"method={method}", *chosen, *SYNTHETIC, "dataset.max_length=128", *fine_tuned)
+    assert cfg.trainer.gradient_clip_val is None and cfg.trainer.precision == "32-true"  # fp32, as the reference
+    optimizer, factors = optimizer_and_schedule(build(cfg)[0])
+    assert isinstance(optimizer, torch.optim.AdamW) and len(optimizer.param_groups) == 2  # generators, encoder
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-3, 1e-5]
+    assert all(group["weight_decay"] == 0.01 for group in optimizer.param_groups)  # the encoder's group too
+    assert factors == [1.0] * 5  # no warmup, no decay
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_deepspeed_recipe_warms_up_500_steps_decays_linearly_and_clips(make_cfg, method):
+    # METHODS.md: the reference's DeepSpeed ZeRO-2 config: weight decay 0, 500 warmup steps, linear decay, clipping 1.0
+    extra = ["method.shared_lr=0.1"] if method == "lopa" else []  # LoPA's two groups: both get the recipe
+    cfg = make_cfg(
+        f"experiment={method}_t5base_deepspeed_recipe", "model=t5-tiny", *SYNTHETIC, "dataset.source=synthetic", *extra
+    )
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.get("strategy") is None  # the recipe, not ZeRO-2
+    optimizer, factors = optimizer_and_schedule(build(cfg)[0])
+    assert isinstance(optimizer, torch.optim.AdamW) and len(optimizer.param_groups) == len(extra) + 1
+    assert [group["initial_lr"] for group in optimizer.param_groups] == ([0.1] if extra else []) + [1e-3]
+    assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)
+    assert factors == [0.0, 0.5, 1.0, 0.5, 0.0]  # 250/500 up, then (1000 - 750) / (1000 - 500) down

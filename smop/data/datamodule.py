@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -20,15 +21,16 @@ from smop.data.tasks import Task, flatten
 def split_train_val(labels: list[Any], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded split of the official train set, stratified per label: 90/10 by default.
 
-    The reference took the first 90% of each label in file order; we shuffle each label's indices with
-    `seed` first, so the split is recorded and reproducible without depending on file order.
+    The reference kept the first n*9//10 rows of each label in file order; we shuffle each label's indices
+    with `seed` first, so the split is reproducible without depending on file order, then keep the same count
+    (the floor of n * (1 - val_fraction)).
     """
     rng = np.random.default_rng(seed)
     train, val = [], []
     for label in sorted(set(labels), key=str):
         members = [i for i, value in enumerate(labels) if value == label]
         rng.shuffle(members)
-        cut = int(round(len(members) * (1 - val_fraction)))
+        cut = math.floor(len(members) * (1 - val_fraction) + 1e-9)  # epsilon: 0.29 * 100 is 28.999... in floats
         train += members[:cut]
         val += members[cut:]
     return sorted(train), sorted(val)
@@ -167,9 +169,11 @@ class SuperGLUEDataModule(L.LightningDataModule):
                     row["encoder_input_ids"] = ids
 
     def encoder_ids(self, examples: list[dict[str, Any]]) -> list[list[int]]:
-        """The formatted examples as the separate encoder's tokenizer reads them, cut at the encoder's max length."""
+        """The formatted examples as the separate encoder's tokenizer reads them. A long one keeps its END, as in the
+        reference: `encoder_tokenizer` truncates on the left at the encoder's limit, special tokens kept."""
         texts = [self.task.template.format(**example) for example in examples]
-        return self.encoder_tokenizer(texts, truncation=True).input_ids
+        tokenizer = self.encoder_tokenizer
+        return tokenizer(texts, truncation=True, max_length=tokenizer.model_max_length).input_ids
 
     def encoder_features(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """What a batch of these examples carries for the separate encoder (labelling new inputs)."""

@@ -12,27 +12,73 @@ x is the pooled output of a frozen encoder, `method.encoder`:
              kept in eval mode and left out of the state dict: it is rebuilt from its name, like the backbone.
              `method.train_encoder=true` fine-tunes it instead (at `method.encoder_lr`): then its weights train,
              its dropout is live in training, and it is saved with the prompt.
+How x is pooled (`method.encoder_pooling`, POOLINGS): `auto` picks the reference's rule for the encoder's kind
+(`auto_pooling`). The generators' bottleneck H defaults to the encoder's width, as in both LoPA repositories.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from smop.backbones import HubUnreachableError
 from smop.prompts.base import EncoderBatch, PromptModule, PromptOutput, init_prompt
 from smop.prompts.mixture import masked_mean
 
+log = logging.getLogger(__name__)
+
 BACKBONE = "backbone"
-POOLINGS = ("mean", "cls")
+# auto: by the encoder's kind (auto_pooling) | mean: over the real tokens | cls: the first token | pooler: the model's
+# pooler output, L2-normalised (CodeSage in the reference) | last: the last real token (decoder-only encoders)
+POOLINGS = ("auto", "mean", "cls", "pooler", "last")
+ENCODER_MAX_LENGTH = 512  # the reference's encoder inputs: at most 512 ids, specials included
 
 
-def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
-    """[B, n, h] -> [B, h]: the masked mean over real tokens, or the first token (a [CLS] encoder's summary)."""
-    return hidden[:, 0] if pooling == "cls" else masked_mean(hidden, attention_mask)
+def last_token(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """[B, n, h] -> [B, h]: each row's last real token, wherever its padding is (right here, left in the reference)."""
+    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
+    index = (attention_mask.long() * positions).argmax(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+def pool(output: ModelOutput, attention_mask: Tensor, pooling: str) -> Tensor:
+    """An encoder's output -> [B, h], as `pooling` says (one of POOLINGS but auto, which is resolved before)."""
+    hidden = output.last_hidden_state
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last":
+        return last_token(hidden, attention_mask)
+    if pooling == "pooler":
+        return F.normalize(output.pooler_output, p=2, dim=-1)
+    return masked_mean(hidden, attention_mask)
+
+
+@torch.no_grad()
+def has_pooler_output(model: nn.Module) -> bool:
+    """Whether the model's output carries a pooler output: one forward pass over two ids tells, whatever computes it
+    (a BERT pooler layer, a custom embedding model's own pooling)."""
+    ids = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
+    return getattr(model(input_ids=ids, attention_mask=torch.ones_like(ids)), "pooler_output", None) is not None
+
+
+def auto_pooling(model: nn.Module, config: Any) -> str:
+    """The reference's pooling for this kind of encoder: the masked mean for an encoder-decoder's encoder (T5), CLS for
+    BERT/RoBERTa-like masked LMs (CodeBERT), the last real token for decoder-only LMs, and for any other model (e.g. a
+    custom embedding model like CodeSage) its normalised pooler output when it has one, else the masked mean."""
+    if config.is_encoder_decoder:
+        return "mean"
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "cls"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "last"
+    return "pooler" if has_pooler_output(model) else "mean"
 
 
 def _unreachable(name: str, err: Exception) -> HubUnreachableError:
@@ -47,10 +93,11 @@ def _unreachable(name: str, err: Exception) -> HubUnreachableError:
     )
 
 
-def encoder_tokenizer(name: str | None) -> PreTrainedTokenizerBase | None:
-    """The separate encoder's tokenizer (None for `backbone` or no encoder), truncating at what the encoder can read.
-
-    `model_max_length` is capped by the model's position table: many tokenizers saved without a limit say 1e30."""
+def encoder_tokenizer(name: str | None, max_length: int = ENCODER_MAX_LENGTH) -> PreTrainedTokenizerBase | None:
+    """The separate encoder's tokenizer (None for `backbone` or no encoder). A long input keeps its END, as in the
+    reference: it truncates on the left, special tokens kept, at `max_length` (512 ids: [CLS] + the last 510 tokens +
+    [SEP] for RoBERTa/CodeBERT) or less where the encoder reads less: its tokenizer's limit or its position table
+    (many tokenizers saved without a limit say 1e30)."""
     if name is None or name == BACKBONE:
         return None
     try:
@@ -58,9 +105,9 @@ def encoder_tokenizer(name: str | None) -> PreTrainedTokenizerBase | None:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise _unreachable(name, err) from err
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions:
-        tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
+    limits = [max_length, tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)]
+    tokenizer.model_max_length = min(limit for limit in limits if limit)
+    tokenizer.truncation_side = "left"
     return tokenizer
 
 
@@ -68,14 +115,19 @@ class BackboneEncoder:
     """The backbone's encoder over the input embeddings, pooled, without gradients. Not an nn.Module on purpose."""
 
     def __init__(self, backbone: nn.Module, pooling: str) -> None:
+        if pooling == "pooler":
+            raise ValueError(
+                "method.encoder_pooling=pooler needs an encoder with a pooler output, but method.encoder=backbone "
+                "(the T5 encoder) has none: use auto (= mean), mean, cls or last, or a separate method.encoder"
+            )
         self.encoder = backbone.get_encoder()
         self.width: int = backbone.config.d_model
-        self.pooling = pooling
+        self.pooling = "mean" if pooling == "auto" else pooling  # the T5 default
 
     @torch.no_grad()
     def __call__(self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None) -> Tensor:
-        hidden = self.encoder(inputs_embeds=input_embeds, attention_mask=attention_mask).last_hidden_state
-        return pool(hidden, attention_mask, self.pooling)
+        output = self.encoder(inputs_embeds=input_embeds, attention_mask=attention_mask)
+        return pool(output, attention_mask, self.pooling)
 
 
 class PretrainedEncoder(nn.Module):
@@ -87,10 +139,17 @@ class PretrainedEncoder(nn.Module):
             model = AutoModel.from_pretrained(name)
         except (OSError, ValueError) as err:
             raise _unreachable(name, err) from err
-        self.name, self.pooling, self.trainable = name, pooling, trainable
+        self.name, self.trainable = name, trainable
         self.model = model.get_encoder() if model.config.is_encoder_decoder else model
         self.width: int = model.config.hidden_size
         self.model.requires_grad_(trainable).train(False)
+        if pooling == "pooler" and not has_pooler_output(self.model):
+            raise ValueError(
+                f"method.encoder_pooling=pooler, but method.encoder={name} ({model.config.model_type}) gives no pooler "
+                "output: use auto, mean, cls or last"
+            )
+        self.pooling = auto_pooling(self.model, model.config) if pooling == "auto" else pooling
+        log.info("method.encoder=%s pooled by %s (method.encoder_pooling=%s)", name, self.pooling, pooling)
         if not trainable:  # rebuilt from `name` on load: out of checkpoints and exports, as the backbone is
             self.register_state_dict_post_hook(_drop_own_keys)
 
@@ -107,8 +166,8 @@ class PretrainedEncoder(nn.Module):
             )
         mask = encoder_batch.attention_mask
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            hidden = self.model(input_ids=encoder_batch.input_ids, attention_mask=mask).last_hidden_state
-        return pool(hidden, mask, self.pooling)
+            output = self.model(input_ids=encoder_batch.input_ids, attention_mask=mask)
+        return pool(output, mask, self.pooling)
 
 
 def _drop_own_keys(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
@@ -126,7 +185,8 @@ def generator(width: int, hidden: int, out: int, dropout: float, std: float = 0.
 
 
 class InstancePrompt(PromptModule):
-    """What IDPG and LoPA share: the encoder (frozen by default) and its pooled vector per instance."""
+    """What IDPG and LoPA share: the encoder (frozen by default), its pooled vector per instance, the generators'
+    bottleneck width and the weight decay of every group."""
 
     needs_backbone = True
 
@@ -138,6 +198,7 @@ class InstancePrompt(PromptModule):
         pooling: str,
         train_encoder: bool = False,
         encoder_lr: float | None = None,
+        weight_decay: float | None = None,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -152,11 +213,19 @@ class InstancePrompt(PromptModule):
             self.encoder: BackboneEncoder | PretrainedEncoder = BackboneEncoder(backbone, pooling)
         else:
             self.encoder = PretrainedEncoder(encoder, pooling, trainable=train_encoder)
-        self.length, self.encoder_lr = prompt_length, encoder_lr
+        self.length, self.encoder_lr, self.weight_decay = prompt_length, encoder_lr, weight_decay
 
     @property
     def prompt_length(self) -> int:
         return self.length
+
+    def bottleneck(self, hidden_size: int | None) -> int:
+        """H: the encoder's width when null (both LoPA repositories: 768 for CodeBERT or T5-base), else as given."""
+        if hidden_size is None:
+            return self.encoder.width
+        if hidden_size < 1:
+            raise ValueError(f"method.hidden_size={hidden_size}: a positive width, or null for the encoder's")
+        return hidden_size
 
     def generator_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The method's own trainable parameters: everything but the encoder."""
@@ -166,11 +235,14 @@ class InstancePrompt(PromptModule):
         return [{"params": [p for _, p in self.generator_parameters()]}]
 
     def param_groups(self) -> list[dict]:
-        """The generators' groups, then a fine-tuned encoder's at method.encoder_lr (or method.lr when null)."""
+        """The generators' groups, then a fine-tuned encoder's at method.encoder_lr (or method.lr when null); all
+        with method.weight_decay (0.01, torch's AdamW default the reference ran with) unless it is null."""
         own = {id(p) for _, p in self.generator_parameters()}
         encoder = [p for p in self.parameters() if p.requires_grad and id(p) not in own]
         lr = {} if self.encoder_lr is None else {"lr": self.encoder_lr}
-        return self.generator_groups() + ([{"params": encoder, **lr}] if encoder else [])
+        groups = self.generator_groups() + ([{"params": encoder, **lr}] if encoder else [])
+        decay = {} if self.weight_decay is None else {"weight_decay": self.weight_decay}
+        return [{**group, **decay} for group in groups]
 
     def pooled(self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None) -> Tensor:
         """[B, h] in the generators' dtype (the encoder may run in another precision)."""
@@ -184,17 +256,18 @@ class IDPG(InstancePrompt):
         embedding: nn.Embedding,
         backbone: nn.Module,
         prompt_length: int = 10,
-        hidden_size: int = 256,
+        hidden_size: int | None = None,
         dropout: float = 0.1,
         encoder: str = BACKBONE,
-        pooling: str = "mean",
+        pooling: str = "auto",
         train_encoder: bool = False,
         encoder_lr: float | None = None,
+        weight_decay: float | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
-        super().__init__(backbone, prompt_length, encoder, pooling, train_encoder, encoder_lr)
+        super().__init__(backbone, prompt_length, encoder, pooling, train_encoder, encoder_lr, weight_decay)
         self.d = embedding.embedding_dim
-        self.mlp = generator(self.encoder.width, hidden_size, prompt_length * self.d, dropout)
+        self.mlp = generator(self.encoder.width, self.bottleneck(hidden_size), prompt_length * self.d, dropout)
 
     def forward(
         self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None
@@ -211,22 +284,23 @@ class LoPA(InstancePrompt):
         backbone: nn.Module,
         prompt_length: int = 10,
         rank: int = 4,
-        hidden_size: int = 256,
+        hidden_size: int | None = None,
         dropout: float = 0.1,
         encoder: str = BACKBONE,
-        pooling: str = "mean",
+        pooling: str = "auto",
         init: str = "random",
         init_text: str | None = None,
         shared_lr: float | None = None,
         train_encoder: bool = False,
         encoder_lr: float | None = None,
+        weight_decay: float | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
-        super().__init__(backbone, prompt_length, encoder, pooling, train_encoder, encoder_lr)
-        d, width = embedding.embedding_dim, self.encoder.width
+        super().__init__(backbone, prompt_length, encoder, pooling, train_encoder, encoder_lr, weight_decay)
+        d, width, hidden = embedding.embedding_dim, self.encoder.width, self.bottleneck(hidden_size)
         self.shared = nn.Parameter(init_prompt(prompt_length, embedding, init, tokenizer, init_text))  # Z_S
-        self.rows = generator(width, hidden_size, prompt_length * rank, dropout)  # u: m x r
-        self.cols = generator(width, hidden_size, d * rank, dropout)  # v: d x r
+        self.rows = generator(width, hidden, prompt_length * rank, dropout)  # u: m x r
+        self.cols = generator(width, hidden, d * rank, dropout)  # v: d x r
         self.rank, self.shared_lr = rank, shared_lr
 
     def generator_groups(self) -> list[dict]:
