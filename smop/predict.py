@@ -4,7 +4,8 @@
 the official SuperGLUE schema of the prompt's task, labels not needed (ignored when present). Each input gets
 one output line {"idx", "label" (the predicted label word, null when the output was none), "label_index" (-1
 then)}; MultiRC gets one line per answer, idx = {paragraph, question, answer}. The file is streamed: read line
-by line, labelled a batch at a time and flushed, with the same formatting and truncation as training.
+by line, labelled a batch at a time and flushed, with the same formatting and truncation as training. A malformed
+line stops it with `FILE:LINE:` and the reason, after the predictions of every line before it are written.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ def unlabeled_examples(task: Task, record: Any, position: int) -> list[tuple[Any
     return pairs
 
 
+class BadInputLine(ValueError):
+    """A line of the input file that is not JSON or not an input of the task; the message starts `FILE:LINE:`."""
+
+
 def read_inputs(path: Path, task: Task) -> Iterator[tuple[int, list[tuple[Any, dict[str, Any]]]]]:
     """Line number and examples of each non-empty line, one line at a time; a bad line names file and line."""
     with path.open(encoding="utf-8") as handle:
@@ -70,12 +75,12 @@ def read_inputs(path: Path, task: Task) -> Iterator[tuple[int, list[tuple[Any, d
                 continue
             try:
                 pairs = unlabeled_examples(task, json.loads(line), position)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
+            except json.JSONDecodeError as err:  # json's own line is always 1 here: the column alone says where
+                raise BadInputLine(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from err
             except KeyError as err:
-                raise ValueError(f"{path}:{number}: malformed {task.name} input: missing field {err}") from err
+                raise BadInputLine(f"{path}:{number}: malformed {task.name} input: missing field {err}") from err
             except (ValueError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: malformed {task.name} input: {err}") from err
+                raise BadInputLine(f"{path}:{number}: malformed {task.name} input: {err}") from err
             position += 1
             yield number, pairs
 
@@ -119,19 +124,30 @@ def predict_file(
     )
     output_path.parent.mkdir(parents=True, exist_ok=True)
     pending: list[tuple[Any, dict[str, Any]]] = []
-    with bar, output_path.open("w", encoding="utf-8") as out:
-        lines = bar.add_task("labelling", total=count_lines(input_path))
-        for number, pairs in read_inputs(input_path, loaded.task):
-            pending += pairs
-            while len(pending) >= batch_size:
-                counts["no_label_word"] += write_predictions(loaded, pending[:batch_size], out)
-                counts["predictions"] += batch_size
-                pending = pending[batch_size:]
-            counts["lines"] = number
-            bar.update(lines, completed=number)
+
+    def flush(out: IO[str]) -> None:
         if pending:
             counts["no_label_word"] += write_predictions(loaded, pending, out)
             counts["predictions"] += len(pending)
+            pending.clear()
+
+    with bar, output_path.open("w", encoding="utf-8") as out:
+        lines = bar.add_task("labelling", total=count_lines(input_path))
+        try:
+            for number, pairs in read_inputs(input_path, loaded.task):
+                pending += pairs
+                while len(pending) >= batch_size:
+                    counts["no_label_word"] += write_predictions(loaded, pending[:batch_size], out)
+                    counts["predictions"] += batch_size
+                    del pending[:batch_size]
+                counts["lines"] = number
+                bar.update(lines, completed=number)
+        except BadInputLine as err:  # every line before the bad one is labelled, also inside the first batch
+            flush(out)
+            raise BadInputLine(
+                f"{err}; the {counts['predictions']} predictions of the lines before it are in {output_path}"
+            ) from err
+        flush(out)
     return counts
 
 

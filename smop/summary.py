@@ -2,7 +2,10 @@
 next to what it cost (the paper's claims are about cost), and how evenly routed methods use their prompts.
 
 Reads every results.json under the folder (Hydra multiruns of train.py, from sweep.py or not), so it
-groups runs by what results.json says (method, shape, router, model), not by folder names.
+groups runs by what results.json says (method, shape, router, model), not by folder names. Only training runs
+count: a job that stopped before training (a config error) is a failed job, not a run; a `train=false`
+re-evaluation of a checkpoint is not another seed; a second run of the same configuration, task and seed is
+listed, not averaged in.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ from typing import Any
 
 from smop.sweeps import MANIFEST, RESULTS_FILE, TASKS
 
+SCORE_RANGE = (0.0, 100.0)  # scores are official metrics x100: error bars stop at what a score can be
+MEMORY_KEY = "peak_memory_bytes"
+
 COST_KEYS = ("train_time_s", "peak_memory_bytes", "inference_flops_per_example")
 PLOTS = (  # (cost key, axis label, file name): the three panels of the paper's Figure 1
     ("train_time_s", "training time (s)", "score_vs_train_time.png"),
-    ("peak_memory_bytes", "peak training memory (GiB)", "score_vs_memory.png"),
-    ("inference_flops_per_example", "inference FLOPs per example", "score_vs_inference_flops.png"),
+    (MEMORY_KEY, "peak training memory (GiB)", "score_vs_memory.png"),
+    ("inference_flops_per_example", "inference FLOPs per example (multiply-adds)", "score_vs_inference_flops.png"),
 )
+FLOP_KEYS = ("inference_flops_per_example",)
 
 
 @dataclass
@@ -46,6 +53,9 @@ class Run:
     routing_max_share: float | None
     memory_kind: str | None = None  # cuda_max_allocated or cpu_peak_rss: not comparable with each other
     error: str | None = None
+    trained: bool = True  # false: a train=false evaluation of a checkpoint, not a training run
+    built: bool = True  # false: stopped before any model was built (a config error): a failed job, not a run
+    shared_process: bool | None = None  # ran in a process other jobs used too (Hydra's basic/joblib multirun)
 
     @property
     def config(self) -> str:
@@ -98,7 +108,25 @@ def read_run(path: Path, sweep_dir: Path, split: str) -> Run:
         routing_max_share=max_share,
         memory_kind=(results.get("cost") or {}).get("memory_kind"),
         error=results.get("error"),
+        trained=bool(config.get("train", True)),
+        built=results.get("params") is not None,
+        shared_process=shared_process(path.parent),
     )
+
+
+def shared_process(run_dir: Path) -> bool | None:
+    """Whether the run shared its process with other jobs, from Hydra's record of it (.hydra/hydra.yaml): a
+    multirun's basic launcher runs every job in one process and joblib reuses its workers, so a process's peak
+    RSS carries over between jobs; a single run and a submitit job have a process each. None: no record."""
+    import yaml
+
+    try:
+        hydra = (yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text()) or {}).get("hydra") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    if str(hydra.get("mode")) != "MULTIRUN":
+        return False
+    return "submitit" not in str((hydra.get("launcher") or {}).get("_target_", ""))
 
 
 def load_runs(sweep_dir: Path, split: str = "test") -> list[Run]:
@@ -140,12 +168,58 @@ def task_order(datasets: set[str]) -> list[str]:
     return [t for t in TASKS if t in datasets] + sorted(datasets - set(TASKS))
 
 
-def aggregate(runs: list[Run], order: list[str] | None = None) -> tuple[list[Row], list[str]]:
-    """Completed runs grouped by configuration (and model, when the sweep holds several).
+def read_manifest(sweep_dir: Path) -> dict[str, Any]:
+    """sweep.py's record of the grid's jobs (absent for multiruns launched otherwise)."""
+    try:
+        return json.loads((sweep_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@dataclass
+class Sorted:
+    """A sweep folder's results.json files, by what they are; only `counted` enters the tables and plots."""
+
+    counted: list[Run] = field(default_factory=list)  # completed training runs, one per configuration, task, seed
+    failed_runs: list[Run] = field(default_factory=list)  # a model was built, then it failed (NaN, out of memory)
+    failed_jobs: list[tuple[str, str]] = field(default_factory=list)  # (job, reason): no run happened
+    reevaluations: list[Run] = field(default_factory=list)  # train=false: a checkpoint evaluated again
+    duplicates: list[tuple[Run, Run]] = field(default_factory=list)  # (run, the counted run with its seed)
+    unscored: list[Run] = field(default_factory=list)  # completed without a score on the split (test=false)
+
+
+def sort_runs(runs: list[Run], manifest: dict[str, Any]) -> Sorted:
+    """Keep what is not a training run out of the seeds: jobs that stopped before training (config errors, and
+    sweep.py's jobs that left no results.json), `train=false` re-evaluations and repeated seeds."""
+    out = Sorted()
+    seen: dict[tuple[Any, ...], Run] = {}
+    for run in runs:
+        if not run.built:
+            out.failed_jobs.append((run.path, run.error or f"status {run.status}"))
+        elif run.status != "completed":
+            out.failed_runs.append(run)
+        elif not run.trained:
+            out.reevaluations.append(run)
+        elif run.score is None:
+            out.unscored.append(run)
+        elif (key := (run.model, run.config, run.dataset, run.seed)) in seen:
+            out.duplicates.append((run, seen[key]))
+        else:
+            seen[key] = run
+            out.counted.append(run)
+    paths = {r.path for r in runs}
+    for name, entry in sorted(manifest.get("jobs", {}).items()):
+        if name not in paths and entry.get("status") in ("failed", "not_started"):
+            out.failed_jobs.append((name, str(entry.get("error"))))
+    return out
+
+
+def aggregate(done: list[Run], order: list[str] | None = None) -> tuple[list[Row], list[str]]:
+    """Counted runs (completed training runs, one per seed) grouped by configuration (and model, when the sweep
+    holds several).
 
     Rows follow `order` (job names, the grid's order) where a run's folder is in it, then method and shape.
     """
-    done = [r for r in runs if r.status == "completed" and r.score is not None]
     tasks = task_order({r.dataset for r in done})
     several_models = len({r.model for r in done}) > 1
     position = {name: i for i, name in enumerate(order or [])}
@@ -190,22 +264,21 @@ def aggregate(runs: list[Run], order: list[str] | None = None) -> tuple[list[Row
     return rows, tasks
 
 
-def read_manifest(sweep_dir: Path) -> dict[str, Any]:
-    """sweep.py's record of the grid's jobs (absent for multiruns launched otherwise)."""
-    try:
-        return json.loads((sweep_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {}
+def memory_note(runs: list[Run]) -> tuple[bool, str | None]:
+    """Whether the memory figures of these runs may be plotted, and what to say of them.
 
-
-def failures(runs: list[Run], manifest: dict[str, Any]) -> list[tuple[str, str]]:
-    """(job, reason) for runs that did not complete, and for sweep.py's jobs that left no results.json."""
-    found = [(r.path, r.error or f"status {r.status}") for r in runs if r.status != "completed"]
-    seen = {r.path for r in runs}
-    for name, entry in sorted(manifest.get("jobs", {}).items()):
-        if name not in seen and entry.get("status") in ("failed", "not_started"):
-            found.append((name, str(entry.get("error"))))
-    return found
+    CUDA figures are reset per run; CPU figures are the process's peak RSS, comparable only with one process
+    per job. Mixed kinds are not plotted at all."""
+    kinds = {r.memory_kind for r in runs if r.cost.get(MEMORY_KEY) is not None}
+    if len(kinds) > 1:
+        return False, f"peak memory mixes {' and '.join(sorted(map(str, kinds)))}, which do not compare: no memory plot"
+    if kinds == {"cpu_peak_rss"} and any(r.shared_process is not False for r in runs):
+        shared = "jobs shared a process" if any(r.shared_process for r in runs) else "jobs may have shared a process"
+        return True, (
+            f"peak memory is the CPU process's peak RSS and {shared} (a multirun's basic or joblib launcher): a "
+            "job's figure includes the jobs before it, so the figures do not compare between jobs"
+        )
+    return True, None
 
 
 # --- formatting ---------------------------------------------------------------------------------------
@@ -234,11 +307,15 @@ def fmt_share(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _first_line(reason: str | None) -> str:
+    return reason.splitlines()[0] if reason else "?"
+
+
 def to_markdown(
-    rows: list[Row], tasks: list[str], failed: list[tuple[str, str]], runs: list[Run], sweep_dir: Path, split: str
+    rows: list[Row], tasks: list[str], runs: Sorted, sweep_dir: Path, split: str, memory: str | None = None
 ) -> str:
     routed = any(r.routing_entropy is not None for r in rows)
-    kinds = sorted({r.memory_kind for r in runs if r.memory_kind})
+    kinds = sorted({r.memory_kind for r in runs.counted if r.memory_kind})
     header = [
         "config",
         *tasks,
@@ -250,13 +327,22 @@ def to_markdown(
         *(["routing entropy", "top prompt share"] if routed else []),
         "runs",
     ]
-    completed = sum(r.status == "completed" for r in runs)
+    counts = [f"{len(runs.counted)} runs in the table", f"{len(runs.failed_runs)} failed runs"]
+    counts.append(f"{len(runs.failed_jobs)} failed jobs (stopped before training: not runs)")
+    left_out = [
+        (len(runs.reevaluations), "train=false re-evaluations"),
+        (len(runs.duplicates), "repeated seeds"),
+        (len(runs.unscored), f"completed runs without a {split} score"),
+    ]
+    counts += [f"{n} {what} (not counted)" for n, what in left_out if n]
     lines = [
         f"# Sweep summary: {sweep_dir}",
         "",
-        f"{completed} completed runs, {len(failed)} not completed. Score: the task's "
-        f"official metrics averaged, on the {split} split, x100; mean ± std over seeds. Costs: mean over tasks "
-        f"of the mean over seeds; memory kind: {', '.join(kinds) or '-'}; FLOPs: fvcore multiply-adds."
+        ", ".join(counts) + ". Score: the task's "
+        f"official metrics averaged, on the {split} split, x100; mean ± std over seeds (training runs only). Costs: "
+        f"mean over tasks of the mean over seeds; memory kind: {', '.join(kinds) or '-'}"
+        + (f" ({memory})" if memory else "")
+        + "; FLOPs: fvcore multiply-adds."
         + (
             " Routing: on the split's examples, entropy / log K (1 = even use of the K prompts, 0 = one prompt) "
             "and the busiest prompt's share."
@@ -273,7 +359,7 @@ def to_markdown(
             cells.append(fmt_score(*row.average[:2]))
         cells += [
             f"{row.cost['train_time_s']:.1f}" if row.cost["train_time_s"] is not None else "-",
-            fmt_bytes(row.cost["peak_memory_bytes"]),
+            fmt_bytes(row.cost[MEMORY_KEY]),
             fmt_si(row.cost["inference_flops_per_example"]),
             f"{row.trainable:,}" if row.trainable is not None else "-",
         ]
@@ -281,10 +367,31 @@ def to_markdown(
             cells += [fmt_share(row.routing_entropy), fmt_share(row.routing_max_share)]
         cells.append(str(len(row.runs)))
         lines.append("| " + " | ".join(cells) + " |")
-    if failed:
-        lines += ["", "## Not completed", ""] + [
-            f"- `{name}`: {reason.splitlines()[0] if reason else '?'}" for name, reason in failed
-        ]
+    sections = [
+        ("Failed runs", [f"- `{r.path}`: {_first_line(r.error or f'status {r.status}')}" for r in runs.failed_runs]),
+        (
+            "Failed jobs (stopped before training: not runs)",
+            [f"- `{name}`: {_first_line(reason)}" for name, reason in runs.failed_jobs],
+        ),
+        (
+            "Re-evaluations (train=false: not seeds)",
+            [
+                f"- `{r.path}`: {r.config} on {r.dataset}, seed {r.seed}: {fmt_score(r.score, None)}"
+                for r in runs.reevaluations
+            ],
+        ),
+        (
+            "Repeated seeds (not counted)",
+            [
+                f"- `{r.path}`: {r.config} on {r.dataset}, seed {r.seed}, as `{kept.path}`"
+                for r, kept in runs.duplicates
+            ],
+        ),
+        (f"Completed without a {split} score", [f"- `{r.path}`: {r.config} on {r.dataset}" for r in runs.unscored]),
+    ]
+    for title, items in sections:
+        if items:
+            lines += ["", f"## {title}", "", *items]
     return "\n".join(lines) + "\n"
 
 
@@ -318,10 +425,22 @@ def write_csv(rows: list[Row], tasks: list[str], path: Path) -> None:
             writer.writerow(record)
 
 
-def write_runs_csv(runs: list[Run], path: Path) -> None:
-    """Every run, one line each, failed ones included: for plots and checks of one's own."""
+def roles(runs: Sorted) -> dict[str, str]:
+    """Each results.json's part in the summary, by folder: run, failed run, failed job, re-evaluation, ..."""
+    role = {r.path: "run" for r in runs.counted}
+    role.update({r.path: "failed run" for r in runs.failed_runs})
+    role.update({name: "failed job" for name, _ in runs.failed_jobs})
+    role.update({r.path: "re-evaluation" for r in runs.reevaluations})
+    role.update({r.path: "repeated seed" for r, _ in runs.duplicates})
+    role.update({r.path: "no score" for r in runs.unscored})
+    return role
+
+
+def write_runs_csv(runs: list[Run], role: dict[str, str], path: Path) -> None:
+    """Every results.json, one line each, with its role: only `run` lines are in the tables."""
     fields = [
         "path",
+        "role",
         "status",
         "config",
         "model",
@@ -341,6 +460,7 @@ def write_runs_csv(runs: list[Run], path: Path) -> None:
             writer.writerow(
                 {
                     "path": run.path,
+                    "role": role.get(run.path),
                     "status": run.status,
                     "config": run.config,
                     "model": run.model,
@@ -356,47 +476,109 @@ def write_runs_csv(runs: list[Run], path: Path) -> None:
             )
 
 
-def plot(rows: list[Row], tasks: list[str], out_dir: Path, split: str = "test") -> list[Path]:
-    """Score against training time, training memory and inference FLOPs: one marker per configuration."""
+# --- plots --------------------------------------------------------------------------------------------
+DODGE_POINTS = 7.0  # horizontal distance, in typographic points, between markers that share an x
+
+
+def dodge(xs: list[float], tolerance: float = 0.01) -> list[float]:
+    """An offset in points per marker: markers at (nearly) the same x are spread side by side, centred on it,
+    so none hides another; the data keep their true x."""
+    offsets = [0.0] * len(xs)
+    ordered = sorted(range(len(xs)), key=lambda i: xs[i])
+    group: list[int] = []
+    for i in [*ordered, None]:
+        if i is not None and group and abs(xs[i] - xs[group[0]]) <= tolerance * max(abs(xs[group[0]]), 1e-12):
+            group.append(i)
+            continue
+        for j, member in enumerate(group):
+            offsets[member] = (j - (len(group) - 1) / 2) * DODGE_POINTS
+        group = [] if i is None else [i]
+    return offsets
+
+
+def error_bar(y: float, std: float | None) -> tuple[float, float] | None:
+    """Below and above: mean ± std, cut at the scores' range."""
+    if std is None:
+        return None
+    low, high = SCORE_RANGE
+    return max(0.0, min(std, y - low)), max(0.0, min(std, high - y))
+
+
+def figure(rows: list[Row], tasks: list[str], key: str, label: str, split: str = "test", caption: str | None = None):
+    """Score against one cost: one marker per configuration (colour: method), side by side where they share an
+    x, error bars of the std over seeds within [0, 100]; FLOPs in k/M/G units. None when no row has the cost."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
+    from matplotlib.transforms import ScaledTranslation
 
     def y_of(row: Row) -> tuple[float | None, float | None]:
         return row.average[:2] if len(tasks) > 1 else row.tasks[tasks[0]][:2]
 
+    scale = 2**30 if key == MEMORY_KEY else 1.0
+    points = [
+        (row, row.cost[key] / scale, *y_of(row))
+        for row in rows
+        if row.cost.get(key) is not None and y_of(row)[0] is not None
+    ]
+    if not points:
+        return None
     markers = "osD^v<>Pp*Xh"
     methods = sorted({r.runs[0].method for r in rows})
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    offsets = dodge([x for _, x, _, _ in points])
+    for i, ((row, x, y, std), offset) in enumerate(zip(points, offsets, strict=True)):
+        bar = error_bar(y, std)
+        container = ax.errorbar(
+            [x],
+            [y],
+            yerr=[[bar[0]], [bar[1]]] if bar else None,
+            fmt=markers[i % len(markers)],
+            color=f"C{methods.index(row.runs[0].method) % 10}",
+            markersize=8,
+            capsize=3,
+            alpha=0.85,
+            label=row.config,
+        )
+        if offset:
+            shift = ax.transData + ScaledTranslation(offset / 72, 0, fig.dpi_scale_trans)
+            for artist in (container.lines[0], *container.lines[1], *container.lines[2]):
+                artist.set_transform(shift)
+    xs = [x for _, x, _, _ in points]
+    ax.margins(x=0.12)  # room for the markers moved sideways at the ends
+    log = min(xs) > 0 and max(xs) / min(xs) > 20
+    if log:
+        ax.set_xscale("log")
+    if key in FLOP_KEYS:  # 4.87 M, not 4.87 with a 1e6 offset
+        if log:
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_formatter(EngFormatter(sep=" "))
+    ax.set_xlabel(label)
+    ax.set_ylabel(f"{split} score, " + ("average over tasks" if len(tasks) > 1 else tasks[0]))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    if caption:
+        fig.text(0.01, -0.02, caption, fontsize=7, va="top", wrap=True)
+    return fig
+
+
+def plot(rows: list[Row], tasks: list[str], out_dir: Path, split: str = "test", runs: list[Run] = ()) -> list[Path]:
+    """The three panels of the paper's Figure 1, as PNG files; the memory panel only where its figures compare
+    (CUDA, or one process per job), or with a caption that says they do not."""
+    import matplotlib.pyplot as plt
+
+    plot_memory, note = memory_note(list(runs))
     written = []
     for key, label, name in PLOTS:
-        scale = 2**30 if key == "peak_memory_bytes" else 1.0
-        points = [
-            (row, row.cost[key] / scale, *y_of(row))
-            for row in rows
-            if row.cost.get(key) is not None and y_of(row)[0] is not None
-        ]
-        if not points:
+        if key == MEMORY_KEY and not plot_memory:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        for i, (row, x, y, std) in enumerate(points):
-            ax.errorbar(
-                [x],
-                [y],
-                yerr=[std] if std is not None else None,
-                fmt=markers[i % len(markers)],
-                color=f"C{methods.index(row.runs[0].method) % 10}",
-                markersize=8,
-                capsize=3,
-                label=row.config,
-            )
-        xs = [x for _, x, _, _ in points]
-        if min(xs) > 0 and max(xs) / min(xs) > 20:
-            ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel(f"{split} score, " + ("average over tasks" if len(tasks) > 1 else tasks[0]))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        caption = note[0].upper() + note[1:] + "." if note and key == MEMORY_KEY else None
+        fig = figure(rows, tasks, key, label, split, caption)
+        if fig is None:
+            continue
         fig.savefig(out_dir / name, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(out_dir / name)
@@ -410,18 +592,22 @@ class Summary:
 
 
 def summarise(sweep_dir: Path, split: str = "test", out_dir: Path | None = None) -> Summary:
-    """Write summary.md, summary.csv, runs.csv and the three plots into the sweep folder (or `out_dir`)."""
+    """Write summary.md, summary.csv, runs.csv and the plots into the sweep folder (or `out_dir`)."""
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir or sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = load_runs(sweep_dir, split)
     manifest = read_manifest(sweep_dir)
-    rows, tasks = aggregate(runs, list(manifest.get("jobs", {})))
-    markdown = to_markdown(rows, tasks, failures(runs, manifest), runs, sweep_dir, split)
+    parts = sort_runs(runs, manifest)
+    rows, tasks = aggregate(parts.counted, list(manifest.get("jobs", {})))
+    _, memory = memory_note(parts.counted)
+    markdown = to_markdown(rows, tasks, parts, sweep_dir, split, memory)
     files = [out_dir / "summary.md", out_dir / "summary.csv", out_dir / "runs.csv"]
     files[0].write_text(markdown)
     write_csv(rows, tasks, files[1])
-    write_runs_csv(runs, files[2])
+    write_runs_csv(runs, roles(parts), files[2])
+    for stale in (out_dir / name for _, _, name in PLOTS):  # a plot left out now must not stay from before
+        stale.unlink(missing_ok=True)
     if rows:
-        files += plot(rows, tasks, out_dir, split)
+        files += plot(rows, tasks, out_dir, split, parts.counted)
     return Summary(markdown, files)

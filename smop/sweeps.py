@@ -306,7 +306,8 @@ def check_jobs(jobs: Sequence[Job], jobs_dir: Path, extra: Sequence[str]) -> dic
     A job whose config does not compose would stop a Hydra multirun in the middle (composition happens in
     the launcher, outside the job), so such jobs are recorded as failed and left out of the launch.
     Composing takes a fraction of a second, so jobs that differ only in values (seeds, lengths) are
-    composed once and the values set on a copy: the config tree has no typed schemas that a value could fail.
+    composed once and the values set on a copy: the config tree has no typed schemas that composition would
+    apply, and check_config checks every numeric value against its range (smop/validation.py) on the copy.
     """
     from hydra import compose, initialize_config_dir
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from helpers import SYNTHETIC
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
@@ -137,3 +139,29 @@ def test_a_gpu_trainer_without_cuda_says_what_to_use_instead(make_cfg, trainer, 
 def test_deepspeed_without_its_package_names_the_install(make_cfg):
     with pytest.raises(ValueError, match="trainer.strategy=deepspeed_stage_2 needs the deepspeed package: pip install"):
         run(make_cfg("trainer=deepspeed", *FAST))
+
+
+# --- what the docs say about folders and viewers matches what runs write ---------------------------------
+
+
+def test_run_folder_layout_is_the_one_the_hydra_config_describes(make_cfg):
+    cfg = make_cfg("method=prompt_tuning", "dataset=cb")
+    comment = (ROOT / "configs" / "hydra" / "default.yaml").read_text()
+    assert "outputs/runs/<method>_<dataset>/<date>_<time>/" in comment
+    assert re.fullmatch(r"outputs/runs/prompt_tuning_cb/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", cfg.hydra.run.dir)
+    assert "outputs/multiruns/<date>_<time>/<job number>_<method>_<dataset>/" in comment
+    assert re.fullmatch(r"outputs/multiruns/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", cfg.hydra.sweep.dir)
+    assert cfg.hydra.sweep.subdir == "0_prompt_tuning_cb"
+
+
+def test_tensorboard_docs_name_the_viewer():
+    viewer = "pip install tensorboard && tensorboard --logdir outputs"
+    assert viewer in (ROOT / "configs" / "logger" / "tensorboard.yaml").read_text()
+    assert viewer in (ROOT / "README.md").read_text()
+
+
+def test_demo_results_are_tabulated_in_one_place():
+    """docs/sweeps.md points at the README's demo table instead of keeping an older copy of its numbers."""
+    rows = [line for line in (ROOT / "docs" / "sweeps.md").read_text().splitlines() if line.startswith("| prompt_")]
+    assert rows == []
+    assert "| prompt_tuning L=5 |" in (ROOT / "README.md").read_text()

@@ -222,7 +222,7 @@ def test_predict_streams_labels_and_names_the_bad_line(trained, tmp_path):
     source.write_text("".join(json.dumps(r) + "\n" for r in bad))
     with pytest.raises(ValueError, match=r"new.jsonl:6: malformed rte input: missing field\(s\) \['hypothesis'\]"):
         predict_file(loaded, source, tmp_path / "out.jsonl", batch_size=2, progress=False)
-    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4  # the batches before it were written
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 5  # every line before it was written
 
 
 def test_multirc_inputs_give_one_prediction_per_answer():
@@ -249,9 +249,9 @@ def test_corrupt_or_mismatched_inputs_are_refused(trained, tmp_path):
     torch.save({"state_dict": saved["state_dict"]}, tmp_path / "bare.ckpt")
     with pytest.raises(ExportError, match="holds no resolved train.py config"):
         export(tmp_path / "bare.ckpt")
-    saved["state_dict"]["prompt.prompts"] = saved["state_dict"]["prompt.prompts"][:, :2]
+    saved["state_dict"]["prompt.prompts"] = saved["state_dict"]["prompt.prompts"][:8]  # 4 prompts of 2 tokens
     torch.save(saved, tmp_path / "reshaped.ckpt")
-    with pytest.raises(ExportError, match=r"prompt.prompts: checkpoint shape \(4, 2, 128\) != model \(4, 5, 128\)"):
+    with pytest.raises(ExportError, match=r"prompt.prompts: checkpoint shape \(8, 128\) != model \(20, 128\)"):
         export(tmp_path / "reshaped.ckpt")
 
     folder = export(checkpoint, tmp_path / "export")
@@ -263,8 +263,10 @@ def test_corrupt_or_mismatched_inputs_are_refused(trained, tmp_path):
         load(tmp_path / "other")
     weights = load_file(folder / "prompt.safetensors")
     save_file({**weights, "prompts": weights["prompts"][:3]}, folder / "prompt.safetensors")
-    with pytest.raises(ExportError, match=r"prompt.safetensors does not match .* prompts: file shape \(3, 5, 128\)"):
+    with pytest.raises(ExportError, match=r"prompt.safetensors does not match .* prompts: file shape \(3, 128\)"):
         load(folder)
+    save_file({**weights, "prompts": weights["prompts"].view(4, 5, 128)}, folder / "prompt.safetensors")
+    assert torch.equal(load(folder).system.prompt.prompts, weights["prompts"])  # the earlier [K, L, d] layout loads
     export(checkpoint, folder)  # an earlier export is replaced
     config = (folder / "config.yaml").read_text()
     (folder / "config.yaml").write_text(config.replace("seed: 42", "seed: 43"))

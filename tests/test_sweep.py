@@ -103,6 +103,7 @@ def test_jobs_are_checked_before_launching(tmp_path):
             ("ok", ("method=smop",)),
             ("bad", ("method=no_such_method",)),
             ("long", ("method=prompt_tuning", "method.prompt_length=600")),
+            ("empty", ("method=smop", "method.prompt_length=0")),  # would train empty prompts and say completed
         ),
         datasets=("cb",),
         seeds=(0, 1),
@@ -112,8 +113,9 @@ def test_jobs_are_checked_before_launching(tmp_path):
         (tmp_path / JOB_GROUP / f"{job.name}.yaml").write_text(job_yaml(job, grid.name))
     GlobalHydra.instance().clear()
     errors = check_jobs(grid.jobs(), tmp_path, ["model=t5-tiny"])
-    assert sorted(errors) == ["bad-cb-s0", "bad-cb-s1", "long-cb-s0", "long-cb-s1"]
+    assert sorted(errors) == ["bad-cb-s0", "bad-cb-s1", "empty-cb-s0", "empty-cb-s1", "long-cb-s0", "long-cb-s1"]
     assert "no_such_method" in errors["bad-cb-s1"] and "method.prompt_length" in errors["long-cb-s1"]
+    assert "method.prompt_length=0 is out of range: must be an integer >= 1" in errors["empty-cb-s1"]
 
 
 @pytest.mark.parametrize(
@@ -220,6 +222,141 @@ def test_summary_tables_and_plots(tmp_path):
     assert rows[1]["trainable_params"] == "1536" and rows[0]["routing_entropy"] == ""
     runs = list(csv.DictReader((tmp_path / "runs.csv").open()))
     assert len(runs) == 9 and sum(r["status"] == "failed" for r in runs) == 1
+    assert {r["path"]: r["role"] for r in runs}["broken"] == "failed run"
+
+
+def _write(folder: Path, results: dict, hydra_mode: str | None = None, launcher: str = "BasicLauncher") -> None:
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(results))
+    if hydra_mode is not None:  # what Hydra records of how the job ran
+        (folder / ".hydra").mkdir()
+        hydra = {"hydra": {"mode": hydra_mode, "launcher": {"_target_": f"hydra.plugins.{launcher}"}}}
+        (folder / ".hydra" / "hydra.yaml").write_text(OmegaConf.to_yaml(hydra))
+
+
+def test_summary_counts_training_runs_only(tmp_path):
+    """A config error is a failed job, not a run; a train=false re-evaluation and a repeated seed are no seeds."""
+    for seed, accuracy in ((0, 0.6), (1, 0.8)):
+        _write(tmp_path / f"smop-s{seed}", _results("smop", "rte", seed, accuracy))
+    config_error = _results("smop", "rte", 2, 0.0, status="failed", error="ValueError: method.prompt_length=0 is out")
+    _write(tmp_path / "bad-s2", {**config_error, "params": None, "cost": {}})
+    reevaluation = _results("smop", "rte", 0, 0.9)
+    reevaluation["config"]["train"] = False
+    _write(tmp_path / "smop-s0-eval", reevaluation)
+    _write(tmp_path / "smop-s1-again", _results("smop", "rte", 1, 0.2))  # the same seed trained twice
+
+    summary = summarise(tmp_path)
+    row = next(line for line in summary.markdown.splitlines() if line.startswith("| smop 2x5"))
+    assert row.startswith("| smop 2x5 (top1_perturbed) | 70.0 ± 14.1 |") and row.endswith("| 2 |")  # seeds 0, 1
+    assert "2 runs in the table, 0 failed runs, 1 failed jobs (stopped before training: not runs)" in summary.markdown
+    assert "1 train=false re-evaluations (not counted), 1 repeated seeds (not counted)" in summary.markdown
+    sections = summary.markdown.split("\n## ")
+    failed_jobs = next(s for s in sections if s.startswith("Failed jobs"))
+    assert "`bad-s2`: ValueError: method.prompt_length=0 is out" in failed_jobs
+    assert not any(s.startswith("Failed runs") for s in sections)
+    assert "`smop-s0-eval`" in next(s for s in sections if s.startswith("Re-evaluations"))
+    assert "`smop-s1-again`" in next(s for s in sections if s.startswith("Repeated seeds"))
+    roles = {r["path"]: r["role"] for r in csv.DictReader((tmp_path / "runs.csv").open())}
+    assert roles == {
+        "bad-s2": "failed job",
+        "smop-s0": "run",
+        "smop-s0-eval": "re-evaluation",
+        "smop-s1": "run",
+        "smop-s1-again": "repeated seed",
+    }
+    assert next(csv.DictReader((tmp_path / "summary.csv").open()))["rte_seeds"] == "2"
+
+
+def _rows(tmp_path: Path, cost: dict | None = None, **hydra) -> tuple[list, list[str], list]:
+    """Rows of a small synthetic sweep: PT-5 and SMoP 2x5 at the same FLOPs, PT-20 at more; scores near 100."""
+    from smop.summary import aggregate, load_runs
+
+    accuracies = {("prompt_tuning", 5): (0.3, 0.7), ("prompt_tuning", 20): (0.99, 1.0), ("smop", 5): (1.0, 0.6)}
+    for (method, length), scores in accuracies.items():
+        for seed, accuracy in enumerate(scores):
+            results = _results(method, "rte", seed, accuracy)
+            results["config"]["method"]["prompt_length"] = length
+            results["cost"].update({"inference_flops_per_example": 4.87e6 if length == 5 else 7.6e6, **(cost or {})})
+            _write(tmp_path / f"{method}{length}-s{seed}", results, **hydra)
+    runs = load_runs(tmp_path)
+    rows, tasks = aggregate(runs)
+    return rows, tasks, runs
+
+
+def _display_x(container, ax) -> float:
+    line = container.lines[0]
+    return float(line.get_transform().transform(line.get_xydata())[0][0])
+
+
+def test_plot_markers_at_the_same_x_do_not_hide_each_other(tmp_path):
+    from smop.summary import figure
+
+    rows, tasks, _ = _rows(tmp_path)
+    fig = figure(rows, tasks, "inference_flops_per_example", "FLOPs")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    x = {c.get_label(): _display_x(c, ax) for c in ax.containers}
+    same = (x["prompt_tuning L=5"], x["smop 2x5 (top1_perturbed)"])
+    assert abs(same[0] - same[1]) >= 5  # pixels apart, though their FLOPs are equal
+    data = {c.get_label(): c.lines[0].get_xdata()[0] for c in ax.containers}
+    assert data["prompt_tuning L=5"] == data["smop 2x5 (top1_perturbed)"] == 4.87e6  # the data keep their true x
+    markers = {c.lines[0].get_marker() for c in ax.containers}
+    assert len(markers) == 3
+
+
+def test_plot_flop_axis_in_si_units_and_error_bars_within_the_score_range(tmp_path):
+    from smop.summary import figure
+
+    rows, tasks, _ = _rows(tmp_path)
+    fig = figure(rows, tasks, "inference_flops_per_example", "FLOPs")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    formatter = ax.xaxis.get_major_formatter()
+    assert formatter(5e6, 0) == "5 M" and formatter(2e9, 0) == "2 G"
+    assert ax.xaxis.get_offset_text().get_text() == ""  # no 1e6 offset
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert labels and all(label.endswith(" M") for label in labels)
+    for container in ax.containers:
+        for segments in (bars.get_segments() for bars in container.lines[2]):
+            for segment in segments:
+                assert segment[:, 1].min() >= 0.0 and segment[:, 1].max() <= 100.0
+    pt20 = next(c for c in ax.containers if c.get_label() == "prompt_tuning L=20")
+    top = max(segment[:, 1].max() for bars in pt20.lines[2] for segment in bars.get_segments())
+    assert top == pytest.approx(100.0)  # 99.5 ± 0.7 would reach 100.2: cut at 100
+
+
+def test_memory_plot_only_where_the_figures_compare(tmp_path):
+    from smop.summary import memory_note, plot
+
+    def files(folder: Path, **options) -> tuple[set[str], str | None]:
+        rows, tasks, runs = _rows(folder, **options)
+        written = {p.name for p in plot(rows, tasks, folder, runs=runs)}
+        return written, memory_note(runs)[1]
+
+    names, note = files(tmp_path / "cuda", cost={"memory_kind": "cuda_max_allocated"}, hydra_mode="MULTIRUN")
+    assert "score_vs_memory.png" in names and note is None  # reset per run
+    names, note = files(tmp_path / "own-processes", hydra_mode="RUN")  # cpu_peak_rss, one python train.py each
+    assert "score_vs_memory.png" in names and note is None
+    names, note = files(tmp_path / "submitit", hydra_mode="MULTIRUN", launcher="submitit_launcher.LocalLauncher")
+    assert note is None
+    names, note = files(tmp_path / "shared", hydra_mode="MULTIRUN")  # the basic launcher: one process for all
+    assert "score_vs_memory.png" in names and "jobs shared a process" in note and "do not compare" in note
+
+    from smop.summary import figure
+
+    rows, tasks, runs = _rows(tmp_path / "shared-figure", hydra_mode="MULTIRUN")
+    fig = figure(rows, tasks, "peak_memory_bytes", "memory", caption="Not comparable.")
+    assert [t.get_text() for t in fig.texts] == ["Not comparable."]
+
+    mixed = tmp_path / "mixed"
+    rows, tasks, runs = _rows(mixed, hydra_mode="RUN")
+    gpu = _results("smop", "cb", 0, 0.5)
+    gpu["cost"]["memory_kind"] = "cuda_max_allocated"
+    _write(mixed / "gpu-run", gpu, hydra_mode="RUN")
+    summary = summarise(mixed)
+    assert "score_vs_memory.png" not in {p.name for p in summary.files}
+    assert not (mixed / "score_vs_memory.png").exists()  # the one written above is not left behind
+    assert "which do not compare: no memory plot" in summary.markdown
 
 
 # --- end to end: multiruns of train.py as subprocesses ----------------------------------------------------
@@ -283,6 +420,36 @@ def test_failing_jobs_do_not_stop_the_others(tmp_path):
         "ok-synthetic_mixture-s0": "completed",
     }
     markdown = summarise(tmp_path).markdown
-    assert "## Not completed" in markdown and "`bad-synthetic_mixture-s0`" in markdown
-    assert "`crash-synthetic_mixture-s0`" in markdown
+    failed_jobs = markdown.split("## Failed jobs (stopped before training: not runs)")[1]
+    assert "`bad-synthetic_mixture-s0`" in failed_jobs and "`crash-synthetic_mixture-s0`" in failed_jobs
+    assert "1 runs in the table, 0 failed runs, 2 failed jobs" in markdown
     assert "| prompt_tuning L=5 |" in markdown
+
+
+@pytest.mark.slow
+def test_summary_of_real_runs_keeps_config_errors_and_reevaluations_out(tmp_path):
+    """train.py as a user runs it: one run, one config error, one train=false re-evaluation, all in one folder."""
+    short = ["dataset=synthetic_mixture", "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16"]
+    short += ["trainer.max_epochs=1", "callbacks.flop_counter=null", "callbacks.progress_bar=null", "seed=0"]
+
+    def train(*overrides: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(ROOT / "train.py"), *short, *overrides]
+        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=300)
+
+    assert train(f"hydra.run.dir={tmp_path / 'run'}").returncode == 0
+    assert train("method.prompt_length=0", f"hydra.run.dir={tmp_path / 'typo'}").returncode != 0
+    checkpoint = next((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+    again = train("train=false", f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["status"] == "completed"
+
+    out = sweep("summary", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    markdown = (tmp_path / "summary.md").read_text()
+    assert (
+        "1 runs in the table, 0 failed runs, 1 failed jobs" in markdown and "1 train=false re-evaluations" in markdown
+    )
+    table = [line for line in markdown.splitlines() if line.startswith("| smop")]
+    assert len(table) == 1 and table[0].endswith("| 1 |")  # one seed: the re-evaluation is not a second one
+    assert "- `typo`: ValueError: method.prompt_length=0 is out of range" in markdown
+    assert "- `eval`: smop 4x5 (top1_perturbed) on synthetic_mixture, seed 0" in markdown
