@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from smop.costs import eager_attention, inference_flops, train_step_flops
 from smop.prompts.base import EncoderBatch
@@ -34,18 +34,26 @@ log = logging.getLogger(__name__)
 STACKS = ("encoder", "decoder")
 REDUCTIONS = ("layers", "ffn", "both")
 VALIDATE_ON = ("full", "partial")
+SCORE_SPLITS = ("val", "train")
 
 
 # --- what a partial model keeps ----------------------------------------------------------------------
 
 
 def kept_layers(num_layers: int, fraction: float) -> list[int]:
-    """Indices of round(fraction * num_layers) evenly spaced blocks, always the first (it holds T5's relative
-    position bias, which the other blocks reuse) and the last (it feeds the final layer norm)."""
+    """The n = round(fraction * num_layers) blocks the reference keeps (its `evenly_select_layers`): block 0 (it
+    holds T5's relative position bias, which the other blocks reuse), then n - 1 gaps of q = (N - n) // (n - 1) + 1
+    and q + 1 blocks, the short gaps first, which ends on block N - 1 (it feeds the final layer norm).
+    6 of 24: [0, 4, 8, 13, 18, 23]; 4 of 8: [0, 2, 4, 7]."""
     n = min(num_layers, max(min(2, num_layers), round(fraction * num_layers)))
     if n == 1:
         return [0]
-    return [round(i * (num_layers - 1) / (n - 1)) for i in range(n)]
+    gaps, dropped = n - 1, num_layers - n
+    short, long_gaps = dropped // gaps + 1, dropped % gaps
+    kept = [0]
+    for i in range(gaps):
+        kept.append(kept[-1] + (short if i < gaps - long_gaps else short + 1))
+    return kept
 
 
 def kept_neurons(scores: Tensor, fraction: float) -> Tensor:
@@ -67,6 +75,15 @@ class Shape:
 
 
 FULL = Shape()
+
+
+def sample_means(activations: Tensor, mask: Tensor) -> Tensor:
+    """[B, d_ff] float64: each sample's mean |activation| over its own tokens (`mask` [B, n] is 1 on them).
+
+    The reference scores one sample at a time, so a short sample weighs as much as a long one; one mean over
+    all the tokens of a batch would weigh samples by their length instead."""
+    totals = (activations.abs() * mask.to(activations.dtype).unsqueeze(-1)).sum(1).double()
+    return totals / mask.sum(1, keepdim=True).clamp(min=1).double()
 
 
 def _ffn(block: nn.Module) -> nn.Module:
@@ -171,21 +188,21 @@ class PartialT5:
 
     @torch.no_grad()
     def ffn_scores(self, system: nn.Module, batches: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Score every FFN neuron of the full model: mean |input of wo| over non-pad tokens, which is
-        |act(wi x)|, or |act(wi_0 x) * (wi_1 x)| for gated FFNs. The encoder sees what training feeds it
-        ([prompt ; input] when `system` has `encoder_inputs`); the decoder the teacher-forced labels."""
+        """Score every FFN neuron of the full model: the mean over samples of each sample's mean |input of wo|
+        over its non-pad tokens (`sample_means`, as the reference), i.e. of |act(wi x)|, or |act(wi_0 x) * (wi_1 x)|
+        for gated FFNs. The encoder sees what training feeds it ([prompt ; input] when `system` has
+        `encoder_inputs`, the prompt's positions counted); the decoder the teacher-forced label tokens."""
         self.restore()
-        sums: dict[str, Tensor] = {}  # per stack: [num_blocks, d_ff] sums of |activation| over counted tokens
+        sums: dict[str, Tensor] = {}  # per stack: [num_blocks, d_ff] sums over samples of their mean |activation|
         for name, per_block in self.linears.items():
             wo = per_block[0]["wo"].weight
             sums[name] = torch.zeros(len(per_block), wo.shape[1], dtype=torch.float64, device=wo.device)
-        tokens = dict.fromkeys(self.blocks, 0)
+        samples = dict.fromkeys(self.blocks, 0)
         masks: dict[str, Tensor] = {}
 
         def hook(stack: str, index: int) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
             def accumulate(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-                mask = masks[stack].to(args[0].dtype).unsqueeze(-1)
-                sums[stack][index] += (args[0].abs() * mask).sum((0, 1)).double()
+                sums[stack][index] += sample_means(args[0], masks[stack]).sum(0)
 
             return accumulate
 
@@ -206,13 +223,13 @@ class PartialT5:
                     embeds, mask = system.backbone.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"]
                 masks["encoder"], masks["decoder"] = mask, (labels != -100)
                 system.backbone(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
-                for name in tokens:
-                    tokens[name] += int(masks[name].sum())
+                for name in samples:
+                    samples[name] += int((masks[name].sum(1) > 0).sum())  # a sample without tokens adds 0
         finally:
             for handle in handles:
                 handle.remove()
             system.train(was_training)
-        self.scores = {name: (sums[name] / max(1, tokens[name])).float().cpu() for name in sums}
+        self.scores = {name: (sums[name] / max(1, samples[name])).float().cpu() for name in sums}
         self._slices, self._slices_fraction = {}, None
         return self.scores
 
@@ -230,12 +247,18 @@ class ProgressiveTraining(Callback):
         stage_share: when stage_steps is None, each partial stage gets this share of the run's steps
             (the paper: 6k of 30k).
         stacks: which stacks are reduced; the reference reduced the encoder only (decoder optional).
-        score_samples: about how many training examples score the FFN neurons (once, full model, before training).
+        score_split: the split whose examples score the FFN neurons (once, full model, before training): "val"
+            (the reference) or "train".
+        score_samples: how many of its examples, drawn without replacement (the reference: 1,000 shuffled ones);
+            all of them when the split is smaller.
+        score_seed: seeds that draw, with a generator of its own (the run's random stream is left alone).
         validate_on: "full" validates (so picks the best checkpoint and early-stops) on the full model even during
             partial stages; "partial" validates on the model being trained, as the reference logged it (then
             val/score of partial epochs reaches model_checkpoint and early_stopping too).
         count_flops: count inference and training-step FLOPs per example of every stage, before training.
         flop_batches: training batches the FLOPs are averaged over.
+        gradient_clip_val: clip the gradient norm at this value every step (the reference's --max-norm 1.0), applied
+            to the Trainer when `trainer.gradient_clip_val` is null, which wins when set; None: no clipping.
     """
 
     def __init__(
@@ -245,10 +268,13 @@ class ProgressiveTraining(Callback):
         stage_steps: int | Sequence[int] | None = None,
         stage_share: float = 0.2,
         stacks: Sequence[str] = ("encoder",),
+        score_split: str = "val",
         score_samples: int = 1000,
+        score_seed: int = 0,
         validate_on: str = "full",
         count_flops: bool = True,
         flop_batches: int = 2,
+        gradient_clip_val: float | None = 1.0,
     ) -> None:
         fractions = [float(f) for f in fractions]
         problems = []
@@ -260,6 +286,12 @@ class ProgressiveTraining(Callback):
             problems.append(f"stacks={list(stacks)} must be a non-empty subset of: {', '.join(STACKS)}")
         if validate_on not in VALIDATE_ON:
             problems.append(f"validate_on={validate_on} is not one of: {', '.join(VALIDATE_ON)}")
+        if score_split not in SCORE_SPLITS:
+            problems.append(f"score_split={score_split} is not one of: {', '.join(SCORE_SPLITS)}")
+        if score_samples < 1:
+            problems.append(f"score_samples={score_samples} must be >= 1")
+        if gradient_clip_val is not None and gradient_clip_val < 0:
+            problems.append(f"gradient_clip_val={gradient_clip_val} must be >= 0 (or null: no clipping)")
         if isinstance(stage_steps, Sequence) and len(stage_steps) != len(fractions):
             problems.append(f"stage_steps={list(stage_steps)} needs one entry per fraction ({len(fractions)})")
         if stage_steps is None and not 0.0 <= stage_share * len(fractions) <= 1.0:
@@ -269,7 +301,9 @@ class ProgressiveTraining(Callback):
         layers, ffn = reduce in ("layers", "both"), reduce in ("ffn", "both")
         self.shapes = [Shape(f if layers else 1.0, f if ffn else 1.0) for f in fractions] + [FULL]
         self.stage_steps, self.stage_share = stage_steps, stage_share
-        self.stacks, self.score_samples, self.validate_on = tuple(stacks), score_samples, validate_on
+        self.stacks, self.validate_on = tuple(stacks), validate_on
+        self.score_split, self.score_samples, self.score_seed = score_split, score_samples, score_seed
+        self.gradient_clip_val = gradient_clip_val
         self.count_flops, self.flop_batches = count_flops, flop_batches
         self.partial: PartialT5 | None = None
         self.ends: list[int] = []  # the global step at which each partial stage ends
@@ -289,6 +323,10 @@ class ProgressiveTraining(Callback):
         if self.partial is None:
             self.partial = PartialT5(pl_module.backbone, self.stacks)
             self.partial.scores = self._scores
+        # here, not in the configs: a method config cannot set trainer keys (trainer/default merges after it)
+        if stage == TrainerFn.FITTING and self.gradient_clip_val is not None and trainer.gradient_clip_val is None:
+            trainer.gradient_clip_val = self.gradient_clip_val  # read at every step; Lightning's default: by norm
+            log.info("FPT: gradients clipped at norm %g (callbacks.fpt.gradient_clip_val)", self.gradient_clip_val)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Stage boundaries in optimizer steps; early stopping held off until the full model is back."""
@@ -318,33 +356,53 @@ class ProgressiveTraining(Callback):
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the run's random stream must not change (shuffle, noise)
             if any(shape.ffn < 1.0 for shape in self.shapes) and not self.partial.scores:
-                batches = self._train_batches(trainer, pl_module, shuffle=True, examples=self.score_samples)
+                batches = self._score_batches(trainer, pl_module)
                 self.partial.ffn_scores(pl_module, batches)
                 self.scored = sum(b["input_ids"].shape[0] for b in batches)
-                log.info("FPT: FFN neurons scored on %d examples", self.scored)
+                log.info("FPT: FFN neurons scored on %d %s examples", self.scored, self.score_split)
             if self.count_flops:
                 self._count(trainer, pl_module)
 
-    def _train_batches(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, shuffle: bool, examples: int = 0, batches: int = 0
-    ) -> list[dict[str, Tensor]]:
-        """Training batches until `examples` examples or `batches` batches: shuffled (a sample, for scores) or the
-        first ones in file order (for FLOPs: every method and seed counted on the same inputs, as FlopCounter)."""
+    def _loader(self, trainer: L.Trainer, split: str) -> DataLoader:
         if trainer.datamodule is None:
-            raise RuntimeError("FPT reads training batches from the datamodule; fit with datamodule=...")
-        loader = trainer.datamodule.train_dataloader()
-        if not shuffle:
-            loader = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
-        out, seen = [], 0
+            raise RuntimeError("FPT reads batches from the datamodule; fit with datamodule=...")
+        return trainer.datamodule.val_dataloader() if split == "val" else trainer.datamodule.train_dataloader()
+
+    def _score_batches(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict[str, Tensor]]:
+        """`score_samples` examples of `score_split` drawn by `score_seed` alone, so every rank scores the same ones
+        (the same partial model everywhere). Batched: per-sample means do not depend on the batching."""
+        loader = self._loader(trainer, self.score_split)
+        size = len(loader.dataset)
+        if size == 0:
+            raise ValueError(f"callbacks.fpt.score_split={self.score_split} is empty: use score_split=train")
+        if size < self.score_samples:
+            log.warning(
+                "FPT: the %s split has %d examples, fewer than callbacks.fpt.score_samples=%d: scoring on all",
+                self.score_split,
+                size,
+                self.score_samples,
+            )
+        generator = torch.Generator().manual_seed(self.score_seed)  # an iterator draws its base seed from it too
+        subset = Subset(loader.dataset, torch.randperm(size, generator=generator)[: self.score_samples].tolist())
+        sampled = DataLoader(subset, batch_size=loader.batch_size, collate_fn=loader.collate_fn, generator=generator)
+        return [pl_module.transfer_batch_to_device(batch, pl_module.device, 0) for batch in sampled]
+
+    def _train_batches(self, trainer: L.Trainer, pl_module: L.LightningModule, batches: int) -> list[dict[str, Tensor]]:
+        """The first `batches` training batches in file order (for FLOPs: every method and seed counted on the same
+        inputs, as FlopCounter)."""
+        loader = self._loader(trainer, "train")
+        loader = DataLoader(
+            loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn, generator=torch.Generator()
+        )
+        out = []
         for batch in loader:
             out.append(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
-            seen += batch["input_ids"].shape[0]
-            if (examples and seen >= examples) or (batches and len(out) >= batches):
+            if len(out) >= batches:
                 break
         return out
 
     def _count(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        batches = self._train_batches(trainer, pl_module, shuffle=False, batches=self.flop_batches)
+        batches = self._train_batches(trainer, pl_module, self.flop_batches)
         self.inference_flops, self.train_flops = [], []
         try:
             for shape in self.shapes:

@@ -1,8 +1,12 @@
-"""FPT: partial models are real smaller T5s, the schedule grows them back, the prompt and its optimizer state
-carry across stages, the full model comes back bit-for-bit, and the run reports what the stages cost."""
+"""FPT: partial models are real smaller T5s that keep the reference's layers, the schedule grows them back, the
+prompt and its optimizer state carry across stages, the full model comes back bit-for-bit, neurons are scored as
+the reference scores them, gradients are clipped as it clips them, and the run reports what the stages cost."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import lightning as L
 import pytest
 import torch
 from helpers import SYNTHETIC, build
@@ -11,19 +15,39 @@ from lightning.pytorch.callbacks import Callback
 from transformers import T5Config, T5ForConditionalGeneration
 
 from smop.backbones import build_tokenizer
-from smop.fpt import FULL, PartialT5, ProgressiveTraining, Shape, kept_layers
+from smop.fpt import FULL, PartialT5, ProgressiveTraining, Shape, kept_layers, sample_means
 from smop.run import build_datamodule, build_system, run
 
 DEEP = ["model.tiny.num_layers=4", "model.tiny.num_decoder_layers=4"]  # d_ff 256: layers and neurons to drop
 # `method=fpt` with partial stages of 2 steps (25/50/75%), then 2 full-model steps
-SHORT = ["method=fpt", *DEEP, *SYNTHETIC, "callbacks.fpt.stage_steps=2", "callbacks.fpt.score_samples=32"]
+SHORT = ["method=fpt", *DEEP, *SYNTHETIC, "callbacks.fpt.stage_steps=2", "callbacks.fpt.score_samples=16"]
 SHORT += ["trainer.max_steps=8", "trainer.max_epochs=-1"]
 
 
-def test_kept_layers_are_evenly_spaced_and_keep_the_first_and_last():
-    assert kept_layers(24, 0.25) == [0, 5, 9, 14, 18, 23]  # T5-large's encoder at the paper's first stage
-    assert [len(kept_layers(24, f)) for f in (0.25, 0.5, 0.75, 1.0)] == [6, 12, 18, 24]
-    assert kept_layers(4, 0.25) == [0, 3] and kept_layers(4, 0.75) == [0, 2, 3] and kept_layers(1, 0.25) == [0]
+@pytest.mark.parametrize(
+    ("num_layers", "fraction", "kept"),
+    [  # the reference's rule (METHODS.md): n - 1 gaps of q = (N - n) // (n - 1) + 1, then of q + 1
+        (24, 0.25, [0, 4, 8, 13, 18, 23]),  # T5-large's encoder at the paper's first stage (6 layers)
+        (24, 0.5, [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 23]),
+        (24, 0.75, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 21, 23]),  # q = 1: 11 gaps of 1, 6 of 2
+        (12, 0.25, [0, 5, 11]),  # T5-base
+        (12, 0.5, [0, 2, 4, 6, 8, 11]),
+        (12, 0.75, [0, 1, 2, 3, 4, 5, 7, 9, 11]),
+        (8, 0.25, [0, 7]),  # T5-small (LM-adapted: 8 layers)
+        (8, 0.5, [0, 2, 4, 7]),
+        (8, 0.75, [0, 1, 2, 3, 5, 7]),
+        (4, 0.25, [0, 3]),
+        (4, 0.75, [0, 1, 3]),
+        (24, 1.0, list(range(24))),
+        (1, 0.25, [0]),
+    ],
+)
+def test_kept_layers_are_the_references(num_layers, fraction, kept):
+    assert kept_layers(num_layers, fraction) == kept
+
+
+def test_kept_layers_count_is_the_share_of_layers():
+    assert [len(kept_layers(24, f)) for f in (0.25, 0.5, 0.75, 1.0)] == [6, 12, 18, 24]  # the scripts' 6,12,18
 
 
 @pytest.mark.parametrize("ffn", ["relu", "gated-gelu"])
@@ -80,6 +104,7 @@ class Probe(Callback):
                 "optimizer_steps": int(state.get("step", 0)),
                 "start": prompt.detach().clone(),
                 "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                "clip": trainer.gradient_clip_val,
             }
         )
 
@@ -117,6 +142,8 @@ def test_stages_grow_the_model_and_carry_the_prompt_and_its_optimizer_state(make
         assert torch.equal(previous["end"], current["start"])  # values carry
     assert not torch.equal(steps[0]["start"], steps[2]["start"])  # stage 1 trained the prompt stage 2 starts from
     assert all(s["lr"] == pytest.approx(0.3) for s in steps)  # constant learning rate, no warmup or decay
+    assert all(s["clip"] == 1.0 for s in steps)  # the reference's --max-norm, applied by the callback
+    assert fpt.scored == 16  # exactly callbacks.fpt.score_samples examples scored the neurons
     assert probe.val_layers and set(probe.val_layers) == {4}  # validation always on the full model
     assert fpt.steps == [2, 2, 2, 2]
     assert system.backbone.encoder.block is fpt.partial.blocks["encoder"]
@@ -173,6 +200,100 @@ def test_prompt_learns_across_stages(make_cfg):
     assert min(losses[-5:]) <= 0.5 * first, (first, losses[::5])
 
 
+def test_sample_scores_are_means_over_each_samples_own_tokens():
+    """By hand: A has 1 token (|4|, |-2|), B 3 tokens (|1|,|-1|,|1| and 0, 2, 4); padding (9s) is ignored."""
+    activations = torch.tensor(
+        [
+            [[4.0, -2.0], [9.0, 9.0], [9.0, 9.0], [9.0, 9.0]],
+            [[1.0, 0.0], [-1.0, 2.0], [1.0, 4.0], [9.0, 9.0]],
+        ]
+    )
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]])
+    means = sample_means(activations, mask)
+    assert means.dtype == torch.float64 and means.tolist() == [[4.0, 2.0], [1.0, 2.0]]
+    assert means.mean(0).tolist() == [2.5, 2.0]  # the layer's score; one mean over all 4 tokens: [1.75, 2.0]
+
+
+def test_ffn_scores_are_the_mean_of_per_sample_means_whatever_the_batching(make_cfg):
+    """Two samples of different lengths in one padded batch score as the reference scores them, one at a time:
+    the mean of each one's own score, not a mean over all their tokens (which weighs the longer one more)."""
+    system, batch = build(make_cfg("method=fpt", *DEEP, *SYNTHETIC))
+    lengths = batch["attention_mask"].sum(1)
+    a, b = int(lengths.argmin()), int(lengths.argmax())
+    assert lengths[a] < lengths[b]
+    pair = {k: v[[a, b]] for k, v in batch.items()}
+    pair = {
+        **pair,
+        "input_ids": pair["input_ids"][:, : lengths[b]],
+        "attention_mask": pair["attention_mask"][:, : lengths[b]],
+    }
+    partial = PartialT5(system.backbone, ["encoder", "decoder"])
+    alone = []
+    for i in (a, b):  # batch size 1, no padding: the reference's computation
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        one = {
+            **one,
+            "input_ids": one["input_ids"][:, : lengths[i]],
+            "attention_mask": one["attention_mask"][:, : lengths[i]],
+        }
+        alone.append({k: v.double() for k, v in partial.ffn_scores(system, [one]).items()})
+    together = partial.ffn_scores(system, [pair])
+    tokens = (lengths[[a, b]] + 20).double()  # the encoder's mask counts the 20 prompt positions
+    for stack in ("encoder", "decoder"):
+        expected = (alone[0][stack] + alone[1][stack]) / 2
+        torch.testing.assert_close(together[stack].double(), expected, rtol=1e-4, atol=1e-6)  # padding: fp32 noise
+    per_token = (tokens[0] * alone[0]["encoder"] + tokens[1] * alone[1]["encoder"]) / tokens.sum()
+    gap = ((per_token - together["encoder"]) / together["encoder"].clamp(min=1e-3)).abs().max()
+    assert gap > 0.01, gap  # a mean over all tokens would be another score: the test tells them apart
+
+
+def test_neurons_are_scored_on_shuffled_validation_examples_by_default(make_cfg):
+    """The reference scored 1,000 shuffled validation samples; the draw has its own seeded generator."""
+    assert make_cfg("method=fpt").callbacks.fpt.score_split == "val"
+    assert make_cfg("method=fpt").callbacks.fpt.score_samples == 1000
+    cfg = make_cfg(*SHORT, "seed=3")  # score_samples=16, of 21 validation examples
+    tokenizer = build_tokenizer(cfg.model.name_or_path)
+    datamodule = build_datamodule(cfg, tokenizer)
+    system = build_system(cfg, datamodule, tokenizer)
+    trainer = SimpleNamespace(datamodule=datamodule)
+    fpt = instantiate(cfg.callbacks.fpt)
+    assert fpt.score_seed == 3
+    state = torch.get_rng_state()
+    batches = fpt._score_batches(trainer, system)
+    assert torch.equal(torch.get_rng_state(), state)  # the run's random stream is untouched
+    val = datamodule.splits["val"]
+    picked = torch.randperm(len(val), generator=torch.Generator().manual_seed(3))[:16].tolist()
+    assert picked != sorted(picked)  # shuffled, not the first 16
+    expected = datamodule.collate([val[i] for i in picked])
+    assert sum(len(b["input_ids"]) for b in batches) == 16 and torch.equal(
+        batches[0]["input_ids"], expected["input_ids"]
+    )
+    train = instantiate(cfg.callbacks.fpt, score_split="train", score_samples=10**6)._score_batches(trainer, system)
+    assert sum(len(b["input_ids"]) for b in train) == len(datamodule.splits["train"])  # all of a smaller split
+    with pytest.raises(ValueError, match="score_split=test is not one of: val, train"):
+        ProgressiveTraining(score_split="test")
+
+
+def test_gradient_clipping_at_norm_1_unless_the_trainer_says_otherwise(make_cfg):
+    """The reference clips at --max-norm 1.0 every step; `trainer.gradient_clip_val`, when set, wins."""
+    assert make_cfg("experiment=fpt_t5large").trainer.gradient_clip_val == 1.0
+    for overrides in (["method=fpt"], ["callbacks=fpt", "method=smop"]):  # the clipping follows the callback
+        assert make_cfg(*overrides).callbacks.fpt.gradient_clip_val == 1.0
+    system, _ = build(make_cfg("method=fpt", *SYNTHETIC))
+    for trainer_value, callback_value, applied in [
+        (None, 1.0, 1.0),
+        (0.5, 1.0, 0.5),
+        (0.0, 1.0, 0.0),
+        (None, None, None),
+    ]:
+        trainer = L.Trainer(gradient_clip_val=trainer_value, logger=False, enable_checkpointing=False)
+        ProgressiveTraining(gradient_clip_val=callback_value).setup(trainer, system, "fit")
+        assert trainer.gradient_clip_val == applied
+    trainer = L.Trainer(logger=False, enable_checkpointing=False)
+    ProgressiveTraining().setup(trainer, system, "validate")
+    assert trainer.gradient_clip_val is None  # only training clips
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -180,6 +301,8 @@ def test_prompt_learns_across_stages(make_cfg):
         ({"stage_steps": [1, 2]}, "one entry per fraction"),
         ({"stacks": ["encoder", "lm_head"]}, "subset of: encoder, decoder"),
         ({"fractions": [0.5, 1.5]}, r"shares in \(0, 1\]"),
+        ({"score_samples": 0}, "score_samples=0 must be >= 1"),
+        ({"gradient_clip_val": -1.0}, "gradient_clip_val=-1.0 must be >= 0"),
     ],
 )
 def test_bad_options_name_the_allowed_values(options, message):

@@ -80,8 +80,10 @@ def init_prompt(
     """A fresh [num_tokens, d] prompt table.
 
     random: N(0, 1) as SMoP did; uniform: U(+-sqrt(1/d)) as FPT did; vocab: embeddings of random
-    vocabulary ids among the first `vocab_range` (Lester et al.); text: embeddings of `init_text`,
-    repeated or truncated to `num_tokens`.
+    vocabulary ids among the first `vocab_range` (Lester et al.); text: embeddings of `init_text` tokenized
+    WITH the tokenizer's special tokens (T5: the EOS), repeated or truncated to `num_tokens`. That is what
+    peft's PromptTuningInit.TEXT does (`tokenizer(text)["input_ids"]`), and DePT's fork of peft with it, so it
+    is the behaviour to match for every method that initialises from text, not for DePT alone.
     """
     d = embedding.embedding_dim
     weight = embedding.weight.detach()
@@ -96,7 +98,7 @@ def init_prompt(
     if init == "text":
         if tokenizer is None or not init_text:
             raise ValueError("init='text' needs a tokenizer and a non-empty `init_text`")
-        ids = tokenizer(init_text, add_special_tokens=False).input_ids
+        ids = tokenizer(init_text).input_ids
         reps = -(-num_tokens // len(ids))
         return weight[torch.tensor((ids * reps)[:num_tokens])].float().clone()
     raise ValueError(f"Unknown prompt init '{init}'; allowed: {', '.join(INITS)}")

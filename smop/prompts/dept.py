@@ -1,9 +1,10 @@
 """DePT (Shi & Lipani, ICLR 2024): a shorter prompt plus a low-rank update of the input embeddings.
 
 The prompt P (m x d) is prepended as in prompt tuning; the input embeddings become
-E[x] + (alpha / sqrt(r)) * A B, row i of A B added to position i, A (s x r), B (r x d), s the longest input.
-Unlike the reference, which pads every input to exactly s, an input of n tokens receives the first n rows,
-so dynamic padding keeps working. P and A/B train with two learning rates (two optimizer groups).
+E[x] + (alpha / sqrt(r)) * A B, row i of A B added to position i, A (s x r), B (r x d), s the longest input
+the data can produce (max_length - m, the reference's max_seq_length). Unlike the reference, which pads every
+input to exactly s, an input of n tokens receives the first n rows, so dynamic padding keeps working. P and A/B
+train with two learning rates (two optimizer groups), with the reference AdamW's eps of 1e-6.
 """
 
 from __future__ import annotations
@@ -18,6 +19,32 @@ from transformers import PreTrainedTokenizerBase
 from smop.prompts.base import PromptModule, PromptOutput, init_prompt
 
 log = logging.getLogger(__name__)
+
+
+def input_positions(max_positions: int | None, max_length: int | None, prompt_length: int) -> int:
+    """s, the rows of A: the longest input the data can produce (max_length - m) when not given.
+
+    A given s may be smaller (an input longer than s then fails in `update`) but never larger: the rows past the
+    longest input would never receive a gradient, yet count in the budget that derives r."""
+    longest = None if max_length is None else max_length - prompt_length
+    if max_positions is None:
+        if longest is None:
+            raise ValueError("DePT needs method.max_positions (s) or dataset.max_length to derive it from")
+        max_positions = longest
+    elif longest is not None and max_positions > longest:
+        raise ValueError(
+            f"method.max_positions={max_positions} is more than the longest input the data can produce "
+            f"(dataset.max_length {max_length} - method.prompt_length {prompt_length} = {longest}): its last "
+            f"{max_positions - longest} rows would never train; use null (derived) or at most {longest}"
+        )
+    if max_positions < 1:
+        raise ValueError(f"method.max_positions={max_positions} must be >= 1 (s: the rows of A)")
+    return max_positions
+
+
+def takes_scalar_eps(optimizer: str | None) -> bool:
+    """Whether an optimizer (its `_target_`) has Adam's scalar eps; Adafactor's eps is a pair of its own."""
+    return optimizer is None or optimizer.rsplit(".", 1)[-1].lower().startswith("adam")
 
 
 def budget_split(
@@ -49,16 +76,22 @@ class DecomposedPromptTuning(PromptModule):
         prompt_length: int = 60,
         rank: int | None = None,
         budget_tokens: int | None = 100,
-        max_positions: int = 256,
+        max_positions: int | None = None,
+        max_length: int | None = None,
         alpha: float = 8.0,
         lr_lowrank: float | None = 1e-4,
         weight_decay: float | None = 0.0,
+        adam_eps: float | None = None,
+        optimizer: str | None = None,
         init: str = "text",
         init_text: str | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
+        """`max_positions` (s) null: max_length - prompt_length. `adam_eps` goes into both optimizer groups when
+        `optimizer` (its `_target_`; None: any) is an Adam-family one, overriding the optimizer config's eps."""
         super().__init__()
         d = embedding.embedding_dim
+        max_positions = input_positions(max_positions, max_length, prompt_length)
         if rank is None:
             if budget_tokens is None:
                 raise ValueError("method=dept needs method.rank or method.budget_tokens to derive it from")
@@ -70,6 +103,9 @@ class DecomposedPromptTuning(PromptModule):
         self.lora_b = nn.Parameter(torch.zeros(rank, d))  # the update starts at exactly zero
         self.scaling = alpha / math.sqrt(rank)
         self.lr_lowrank, self.weight_decay = lr_lowrank, weight_decay
+        self.adam_eps = adam_eps if takes_scalar_eps(optimizer) else None
+        if adam_eps is not None and self.adam_eps is None:
+            log.info("DePT: method.adam_eps=%g left out: %s has no scalar eps", adam_eps, optimizer)
 
     @property
     def prompt_length(self) -> int:
@@ -93,10 +129,12 @@ class DecomposedPromptTuning(PromptModule):
         return self.scaling * (self.lora_a[:length] @ self.lora_b)
 
     def param_groups(self) -> list[dict]:
-        """Two learning rates: the prompt uses method.lr, A and B method.lr_lowrank."""
-        decay = {} if self.weight_decay is None else {"weight_decay": self.weight_decay}
+        """Two learning rates: the prompt uses method.lr, A and B method.lr_lowrank; both the same decay and eps."""
+        shared = {} if self.weight_decay is None else {"weight_decay": self.weight_decay}
+        if self.adam_eps is not None:
+            shared["eps"] = self.adam_eps
         lowrank = {} if self.lr_lowrank is None else {"lr": self.lr_lowrank}
-        return [{"params": [self.prompt], **decay}, {"params": [self.lora_a, self.lora_b], **lowrank, **decay}]
+        return [{"params": [self.prompt], **shared}, {"params": [self.lora_a, self.lora_b], **lowrank, **shared}]
 
     def forward(self, input_embeds: Tensor, attention_mask: Tensor) -> PromptOutput:
         embeds = input_embeds + self.update(input_embeds.shape[1]).to(input_embeds.dtype)
