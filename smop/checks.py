@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from smop.data.sources import SOURCES, SPLIT_FILES
+from smop.validation import check_ranges
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -25,6 +27,7 @@ def method_routes(cfg: DictConfig) -> bool:
 
 def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
     """Raise ValueError / FileNotFoundError naming the bad value and the allowed ones."""
+    check_ranges(cfg)  # every numeric option in its range first: the checks below compare them
     method = cfg.method.name
     routers = ", ".join(options("router"))
     if method_routes(cfg):
@@ -90,16 +93,50 @@ def check_devices(trainer: DictConfig) -> None:
         raise ValueError("; ".join(problems))
 
 
-def check_checkpoint(path: str) -> None:
-    """A file that torch can load safely (weights_only) and that holds our keys: not truncated, not foreign."""
+class Refused(ValueError):
+    """A command line that would reuse, lose or misreport a run's state, or names a checkpoint that cannot be used:
+    refused before anything is built, with the ways on. train.py prints it as one line."""
+
+
+class MissingCheckpoint(Refused, FileNotFoundError):
+    """ckpt_path names no file."""
+
+
+CHECKPOINT_HINT = "give a checkpoint from a run's checkpoints/ folder (best-*.ckpt, last.ckpt or interrupted.ckpt)"
+
+
+def unreadable(path: Path, err: Exception) -> str:
+    """Why torch could not load `path`, in the user's terms (torch's own text is about zip internals and pickle
+    opcodes: `[Errno 22] Invalid argument`, `Unsupported operand 101`)."""
+    with path.open("rb") as file:
+        head = file.read(4)
+    if not head:
+        return "it is empty (0 bytes): its writing was cut off before it began"
+    if head.startswith(b"PK"):
+        if type(err).__name__ == "UnpicklingError":
+            return "it holds objects that cannot be loaded safely (weights_only=True), so train.py did not write it"
+        return "it is a truncated or damaged zip archive: its writing was cut off, or it was copied part way"
+    return "it is not a zip archive written by torch.save"
+
+
+def check_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A file that torch can load safely (weights_only) and that holds our keys: not truncated, not foreign.
+
+    Returns the checkpoint (memory-mapped: its tensors are not read), whose config the caller compares."""
     import torch
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"ckpt_path={path} does not exist (ckpt_path=last resumes from this run's folder)")
+    path = Path(path)
+    if not path.is_file():
+        raise MissingCheckpoint(f"ckpt_path={path} does not exist: {CHECKPOINT_HINT}, or ckpt_path=last to resume")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # a truncated zip, a pickle of arbitrary objects, not a checkpoint at all
-        raise ValueError(f"ckpt_path={path} is not a readable checkpoint (corrupt or truncated?): {err}") from err
-    missing = [key for key in ("state_dict", "hyper_parameters") if key not in checkpoint]
+        reason = unreadable(path, err)
+        raise Refused(f"ckpt_path={path} is not a readable checkpoint: {reason}; {CHECKPOINT_HINT}") from err
+    keys = checkpoint if isinstance(checkpoint, dict) else {}
+    missing = [key for key in ("state_dict", "hyper_parameters") if key not in keys]
     if missing:
-        raise ValueError(f"ckpt_path={path} is not a checkpoint of this framework: it lacks {', '.join(missing)}")
+        raise Refused(
+            f"ckpt_path={path} is not a checkpoint of this framework: it lacks {', '.join(missing)}; {CHECKPOINT_HINT}"
+        )
+    return checkpoint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import warnings
 from typing import Any
 
@@ -14,17 +15,30 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from smop.backbones import build_backbone, build_tokenizer
-from smop.checks import check_config, check_devices, method_routes
+from smop.backbones import HubUnreachableError, build_backbone, build_tokenizer
+from smop.checks import Refused, check_config, check_devices, method_routes
 from smop.data import SuperGLUEDataModule
 from smop.distributed import isolated_job, launch_ranks_per_job
+from smop.interrupts import EXIT_CODES, InterruptCheckpoint, RunStopped, StopSignals, position
 from smop.module import PromptTuningSystem
 from smop.prompts.base import PromptModule
 from smop.prompts.instance import encoder_tokenizer
 from smop.results import print_summary, versions, write_results
+from smop.resume import (
+    check_run_folder,
+    earlier_attempts,
+    newest_checkpoint,
+    resume_command,
+    router_name,
+    saved_checkpoints,
+    starting_point,
+    task_overrides,
+)
 from smop.wandb_logging import finish_wandb, wandb_callbacks
 
 log = logging.getLogger(__name__)
+# Errors whose message is the whole story (what failed, what to do): train.py prints them as one line.
+BRIEF_ERRORS = (HubUnreachableError, ConnectionError, Refused)
 # The frozen backbone is in eval mode on purpose (no dropout in weights that do not train).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
@@ -116,61 +130,135 @@ def best_checkpoint(callbacks: list[Callback]) -> tuple[str | None, int | None]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train (or only evaluate) one configuration and write its results.json, also when it fails."""
+    """Train (or only evaluate) one configuration and write its results.json, also when it fails.
+
+    Raises RunStopped (a SystemExit: 130 after SIGINT, 143 after SIGTERM) when a signal stops it, and
+    checks.Refused, before anything is written, when the command would reuse or misreport another run's state."""
     with isolated_job():  # a multirun's next job in this process starts clean of this job's DDP state
         return run_job(cfg)
 
 
-def run_job(cfg: DictConfig) -> dict[str, Any]:
-    results: dict[str, Any] = {
+def describe(cfg: DictConfig, router: str | None) -> dict[str, Any]:
+    """What ran, as results.json names it."""
+    return {
         "method": cfg.method.name,
-        "router": choice("router") if cfg.get("router") is not None else None,
+        "router": router if cfg.get("router") is not None else None,
         "dataset": cfg.dataset.name,
         "model": cfg.model.name_or_path,
         "seed": cfg.seed,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def run_job(cfg: DictConfig) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        **describe(cfg, choice("router")),
         "params": None,
         "metrics": {"val": None, "test": None, "best_epoch": None},
         "cost": {},
         "routing": {"counts": {}},
         "versions": versions(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
         "status": "running",
     }
-    system, callbacks = None, []
+    system, callbacks, trainer, stage = None, [], None, "setup"
+    stop, owned = StopSignals(), False
+    overrides = task_overrides()
     try:
-        check_config(cfg, choice("router"))
-        check_devices(cfg.trainer)
-        launch_ranks_per_job()
-        L.seed_everything(cfg.seed, workers=True)
-        tokenizer = build_tokenizer(cfg.model.name_or_path)
-        datamodule = build_datamodule(cfg, tokenizer)
-        system = build_system(cfg, datamodule, tokenizer)
-        callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
-        callbacks += wandb_callbacks(loggers)  # routing histograms, when a WandbLogger is configured
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-        results["params"] = count_parameters(system)
-        log.info("parameters: {trainable:,} trainable / {total:,} total".format(**results["params"]))
-        if cfg.train:
-            trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-            checkpoint, results["metrics"]["best_epoch"] = best_checkpoint(callbacks)
-        else:
-            checkpoint = cfg.ckpt_path
-        validated = trainer.validate(system, datamodule=datamodule, ckpt_path=checkpoint)
-        results["metrics"]["val"] = strip_prefix(validated[0], "val")
-        if cfg.test:
-            tested = trainer.test(system, datamodule=datamodule, ckpt_path=checkpoint)
-            results["metrics"]["test"] = strip_prefix(tested[0], "test")
-        results["status"] = "completed"
+        with stop:
+            previous = check_run_folder(cfg)  # refused: the folder's files stay untouched
+            # a new folder records any failure; an earlier attempt's record is replaced only by one that starts
+            owned = previous is None and not saved_checkpoints(cfg)
+            check_config(cfg, choice("router"))
+            check_devices(cfg.trainer)
+            start = starting_point(cfg, overrides)  # may take the checkpoint's own config (train=false)
+            owned = True
+            router = choice("router")
+            if "router" in start.adopted and cfg.get("router") is not None:  # named after the checkpoint's own
+                router = router_name(OmegaConf.to_container(cfg.router))
+            results.update(describe(cfg, router), resumed_from=start.record() if cfg.train else None)
+            if start.adopted:
+                results["config_from_checkpoint"] = start.adopted
+            if start.checkpoint is not None and cfg.train and previous is not None:
+                results["attempts"] = earlier_attempts(previous)
+            launch_ranks_per_job()
+            L.seed_everything(cfg.seed, workers=True)
+            tokenizer = build_tokenizer(cfg.model.name_or_path)
+            datamodule = build_datamodule(cfg, tokenizer)
+            system = build_system(cfg, datamodule, tokenizer)
+            callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
+            callbacks += wandb_callbacks(loggers)  # routing histograms, when a WandbLogger is configured
+            trainer = instantiate(cfg.trainer, callbacks=[*callbacks, stop], logger=loggers or False)
+            results["params"] = count_parameters(system)
+            log.info("parameters: {trainable:,} trainable / {total:,} total".format(**results["params"]))
+            checkpoint = str(start.checkpoint) if start.checkpoint is not None else None
+            if cfg.train:
+                stage = "training"
+                trainer.fit(system, datamodule=datamodule, ckpt_path=checkpoint)
+                checkpoint, results["metrics"]["best_epoch"] = best_checkpoint(callbacks)
+            stage = "evaluation"
+            validated = trainer.validate(system, datamodule=datamodule, ckpt_path=checkpoint)
+            results["metrics"]["val"] = strip_prefix(validated[0], "val")
+            if cfg.test:
+                tested = trainer.test(system, datamodule=datamodule, ckpt_path=checkpoint)
+                results["metrics"]["test"] = strip_prefix(tested[0], "test")
+            results["status"] = "completed"
     except BaseException as err:
         results["status"] = "failed"
-        results["error"] = f"{type(err).__name__}: {err}"
-        raise
+        signum = stop.stopped_by(err)
+        if signum is None:
+            results["error"] = f"{type(err).__name__}: {err}"
+            raise
+        results["stopped"] = stopped(cfg, signum, stage, trainer, callbacks, overrides)
+        results["error"] = results["stopped"]["message"]
+        log.error(results["error"])
+        raise RunStopped(results["error"], EXIT_CODES[signum]) from err
     finally:
         results["cost"] = cost_summary(callbacks)
         results["routing"]["counts"] = dict(system.routing_counts) if system is not None else {}
-        if rank_zero_only.rank == 0:  # one results.json per run, also under DDP
+        if owned and rank_zero_only.rank == 0:  # one results.json per run, also under DDP
             write_results(cfg.paths.output_dir, results)
             finish_wandb(callbacks, results)  # final tables, then wandb.finish(): multirun jobs never merge
             if results["status"] == "completed":
                 print_summary(results)
     return results
+
+
+def stopped(
+    cfg: DictConfig,
+    signum: signal.Signals,
+    stage: str,
+    trainer: L.Trainer | None,
+    callbacks: list[Callback],
+    overrides: list[str] | None,
+) -> dict[str, Any]:
+    """Where a signal stopped the run and how to resume it: one line for the terminal and results.json."""
+    at, epoch, step = position(trainer) if trainer is not None and stage == "training" else ("", None, None)
+    where = {
+        "setup": "before training began",
+        "training": f"in training {at}",
+        "evaluation": "in the final evaluation (training had finished)",
+    }[stage]
+    written = next((cb.saved for cb in callbacks if isinstance(cb, InterruptCheckpoint) and cb.saved), None)
+    try:
+        newest = newest_checkpoint(cfg)
+    except ValueError:  # an unreadable file: say so below, as if there were none
+        newest = None
+    if newest is None:
+        how, command = "nothing was saved; run the same command again", None
+    else:
+        path, checkpoint = newest
+        command = resume_command(cfg, overrides)
+        saved = "saved now" if written is not None and written.resolve() == path.resolve() else "the newest"
+        at = f"epoch {checkpoint['epoch']}, step {checkpoint['global_step']}"
+        how = f"checkpoints/{path.name} ({saved}: {at}); resume with: {command}"
+    message = f"Stopped by {signum.name} {where}: {how}"
+    return {
+        "signal": signum.name,
+        "exit_code": EXIT_CODES[signum],
+        "stage": stage,
+        "epoch": epoch,
+        "step": step,
+        "checkpoint": str(newest[0]) if newest is not None else None,
+        "resume": command,
+        "message": message,
+    }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import signal as signal_module
+import threading
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -73,3 +75,79 @@ class PoisonPromptAt(Callback):
         if trainer.global_step == self.step:
             with torch.no_grad():
                 next(pl_module.prompt.parameters()).fill_(float("nan"))
+
+
+class SignalAt(Callback):
+    """Sends this process a real signal (`times` times) in the middle of something: the optimizer step after `step`
+    steps (after its backward, before its update), the validation of epoch `validation_epoch`, or the final test."""
+
+    def __init__(
+        self,
+        signal: str = "SIGTERM",
+        step: int | None = None,
+        validation_epoch: int | None = None,
+        test: bool = False,
+        times: int = 1,
+    ) -> None:
+        self.signum = getattr(signal_module, signal)
+        self.step, self.validation_epoch, self.test, self.times = step, validation_epoch, test, times
+        self.sent = False
+
+    def _send(self) -> None:
+        if not self.sent:
+            self.sent = True
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step:
+            self._send()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and trainer.current_epoch == self.validation_epoch:
+            self._send()
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.test:
+            self._send()
+
+
+class SigkillAt(Callback):
+    """SIGKILLs this process `delay` seconds after a moment of the test's choosing, which nothing in the process can
+    react to: the update of optimizer step `step` (`at=step`), the validation of epoch `epoch` (`at=validation`), or
+    the writing of the checkpoint at step `step` (`at=checkpoint`)."""
+
+    def __init__(self, at: str, step: int | None = None, epoch: int | None = None, delay: float = 0.0) -> None:
+        self.at, self.step, self.epoch, self.delay = at, step, epoch, delay
+        self.armed = False
+
+    def _kill(self) -> None:
+        if not self.armed:
+            self.armed = True
+            threading.Timer(self.delay, os.kill, (os.getpid(), signal_module.SIGKILL)).start()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.at == "step" and trainer.global_step == self.step:
+            self._kill()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.at == "validation" and trainer.state.fn == "fit" and trainer.current_epoch == self.epoch:
+            self._kill()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self.at == "checkpoint" and trainer.global_step == self.step:
+            self._kill()
+
+
+class LastCheckpointSteps(Callback):
+    """Records the step that checkpoints/last.ckpt holds at the start of every epoch."""
+
+    steps: list[int] = []
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        LastCheckpointSteps.steps = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if os.path.exists(self.path):
+            LastCheckpointSteps.steps.append(torch.load(self.path, weights_only=True)["global_step"])

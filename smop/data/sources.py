@@ -66,9 +66,9 @@ def _load_hub(name: str, config: str, split: str) -> list[dict[str, Any]]:
     try:
         return list(datasets.load_dataset(name, config, split=split))
     except Exception as err:  # datasets raises many types for an unreachable hub
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ConnectionError(
-            f"Could not load {name}/{config} [{split}] from the Hugging Face hub ({type(err).__name__}: {err}).\n"
-            f"Read the official SuperGLUE JSONL files instead: dataset={config} dataset.source=dir "
-            "dataset.data_dir=/path/to/folder (train.jsonl, val.jsonl), and a local model folder with "
-            "model.name_or_path=/path/to/t5-base"
+            f"Could not load {name}/{config} [{split}] from the Hugging Face hub: read the official SuperGLUE JSONL "
+            f"files instead, dataset={config} dataset.source=dir dataset.data_dir=/path/to/folder (train.jsonl, "
+            f"val.jsonl), or run the bundled sample, dataset.source=sample ({type(err).__name__}: {cause})"
         ) from err
