@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from smop.backbones import HubUnreachableError, build_backbone, build_tokenizer
+from smop.backbones import BackboneKindError, HubUnreachableError, build_backbone, build_tokenizer, check_backbone_kind
 from smop.checks import Refused, check_config, check_devices, method_routes
 from smop.data import SuperGLUEDataModule
 from smop.distributed import isolated_job, launch_ranks_per_job
@@ -38,7 +38,7 @@ from smop.wandb_logging import finish_wandb, wandb_callbacks
 
 log = logging.getLogger(__name__)
 # Errors whose message is the whole story (what failed, what to do): train.py prints them as one line.
-BRIEF_ERRORS = (HubUnreachableError, ConnectionError, Refused)
+BRIEF_ERRORS = (HubUnreachableError, ConnectionError, Refused, BackboneKindError)
 # The frozen backbone is in eval mode on purpose (no dropout in weights that do not train).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
@@ -170,6 +170,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             owned = previous is None and not saved_checkpoints(cfg)
             check_config(cfg, choice("router"))
             check_devices(cfg.trainer)
+            check_backbone_kind(cfg.model.name_or_path)  # a decoder-only folder stops here, before any data is read
             start = starting_point(cfg, overrides)  # may take the checkpoint's own config (train=false)
             owned = True
             router = choice("router")

@@ -21,6 +21,7 @@ COMMON = [
     *SYNTHETIC,
     "router=top1",
     "router.logit_dropout=0",
+    "method.train_dropout=false",  # dropout masks are drawn per rank: no random draw may differ from one process's
     "trainer.max_epochs=2",
     "~callbacks.progress_bar",
     "~callbacks.flop_counter",
