@@ -85,11 +85,12 @@ class PromptTuningSystem(L.LightningModule):
 
     # --- the model ---------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> PromptTuningSystem:
-        """Lightning switches the whole module to train mode. The frozen backbone follows when `train_dropout`
-        (every reference trains with its dropout live: SMoP calls model.train()), else it stays in eval mode (no
-        dropout: FPT's scripts set the rate to 0). LoRA's own dropout is live in training either way."""
+        """Lightning switches the whole module to train mode. The backbone follows when `train_dropout` (every
+        reference trains with the frozen model's dropout live: SMoP calls model.train()), else it stays in eval mode
+        (no dropout: FPT's scripts set the rate to 0), also when its weights train (full fine-tuning). LoRA's own
+        dropout is live in training either way."""
         super().train(mode)
-        if not (self.train_backbone or self.train_dropout):
+        if not self.train_dropout:
             self.backbone.eval()
             for name, module in self.backbone.named_modules():
                 if "lora_dropout" in name:  # adapters train inside the frozen backbone: their dropout is live
