@@ -109,24 +109,6 @@ def check_run_folder(cfg: DictConfig) -> dict[str, Any] | None:
             f"command and ckpt_path=last, or {elsewhere}"
         )
     return previous
-    if not resumes_this_folder(cfg):
-        held = [str(path.relative_to(folder)) for path in checkpoints[:3]]
-        held += [f"{RESULTS_FILE} ({previous.get('status')})"] if previous is not None else []
-        raise Refused(
-            f"{folder} already holds a run ({', '.join(held)}); a new run never writes into it. Resume that run with "
-            f"the same command and ckpt_path=last, or start this one in another folder (hydra.run.dir=<new folder>, "
-            "or leave hydra.run.dir out for a new dated one)"
-        )
-    if completed:
-        best = (previous.get("metrics") or {}).get("best_epoch")
-        evaluate = next((p for p in checkpoints if p.name.startswith("best-")), Path(cfg.paths.checkpoint_dir) / LAST)
-        raise Refused(
-            f"{folder} holds a completed run (best epoch {best}); resuming it would overwrite its results. Evaluate "
-            f"it with `python train.py train=false ckpt_path={evaluate}`, or continue it with more epochs in a new "
-            f"folder: the same command with ckpt_path={Path(cfg.paths.checkpoint_dir) / LAST} "
-            "trainer.max_epochs=<more> and without hydra.run.dir"
-        )
-    return previous
 
 
 # --- ckpt_path=last -------------------------------------------------------------------------------------------------
