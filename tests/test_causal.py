@@ -268,3 +268,24 @@ def test_train_py_runs_a_causal_backbone_and_refuses_fpt_on_one_in_one_line(tmp_
     assert refused.returncode == 1
     (line,) = [line for line in refused.stderr.splitlines() if not line.startswith("INFO: ")]
     assert line.startswith("train.py: method=fpt does not run on a causal backbone (model.name_or_path=tiny)")
+
+
+def test_predict_encodes_as_training_and_labels_alike_in_any_batch(make_cfg, tmp_path):
+    """smop.predict on a causal checkpoint: the source without EOS, as in training; the same labels whatever the
+    batch size (the prompt after the left padding)."""
+    from smop.data.synthetic import synthetic_mixture
+    from smop.loading import load
+    from smop.predict import predict_file
+
+    short = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false"]
+    cfg = make_cfg("model=llama-tiny", "method=smop", *SYNTHETIC, *short, "callbacks.flop_counter=null", "logger=[]")
+    assert run(cfg)["status"] == "completed"
+    loaded = load(next((tmp_path / "checkpoints").glob("best-*.ckpt")), device="cpu")
+    assert loaded.encode([{"text": "abc", "label": 0}]) == [[ord(c) + 3 for c in "abc"]]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in synthetic_mixture(9, seed=3)))
+    outputs = []
+    for batch_size in (1, 9):
+        predict_file(loaded, source, tmp_path / f"out{batch_size}.jsonl", batch_size, progress=False)
+        outputs.append((tmp_path / f"out{batch_size}.jsonl").read_text())
+    assert len(outputs[0].splitlines()) == 9 and outputs[0] == outputs[1]
