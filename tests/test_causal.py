@@ -80,8 +80,12 @@ def per_example_loss(system, batch) -> torch.Tensor:
 
 
 def with_long_neighbours(datamodule, row: dict, extra: int = 40) -> dict:
-    """`row` first, then two rows much longer than it (their inputs repeated), in one padded batch."""
-    longer = [dict(r, input_ids=r["input_ids"] * 3 + r["input_ids"][:extra]) for r in datamodule.splits["train"][1:3]]
+    """`row` first, then two rows much longer than it (their inputs repeated, their targets three times as long), in
+    one padded batch."""
+    longer = [
+        dict(r, input_ids=r["input_ids"] * 3 + r["input_ids"][:extra], labels=r["labels"][:-1] * 3 + r["labels"][-1:])
+        for r in datamodule.splits["train"][1:3]
+    ]
     return datamodule.collate([row, *longer])
 
 
@@ -93,6 +97,7 @@ def test_loss_and_generation_do_not_depend_on_the_batch(make_cfg, model, method)
     row = datamodule.splits["train"][0]
     alone, crowded = datamodule.collate([row]), with_long_neighbours(datamodule, row)
     assert crowded["input_ids"].shape[1] > 3 * alone["input_ids"].shape[1]
+    assert crowded["labels"].shape[1] > alone["labels"].shape[1]
     with torch.no_grad():
         torch.testing.assert_close(per_example_loss(system, crowded)[:1], per_example_loss(system, alone))
     system.max_new_tokens = 6
