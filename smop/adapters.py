@@ -6,14 +6,23 @@ from collections.abc import Sequence
 
 from torch import nn
 
+T5_TARGETS = ("q", "v")  # T5's attention query and value projections, as the reference
+
 
 def add_lora(
-    backbone: nn.Module, r: int = 8, alpha: int = 8, dropout: float = 0.1, target_modules: Sequence[str] = ("q", "v")
+    backbone: nn.Module,
+    r: int = 8,
+    alpha: int = 8,
+    dropout: float = 0.1,
+    target_modules: Sequence[str] | None = None,
 ) -> nn.Module:
-    """Inject trainable LoRA pairs into the (already frozen) backbone in place; base weights stay frozen."""
+    """Inject trainable LoRA pairs into the (already frozen) backbone in place; base weights stay frozen.
+
+    `target_modules` None: T5's q and v (a causal model config names its own: model.lora_target_modules)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    targets = list(target_modules or T5_TARGETS)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
     return inject_adapter_in_model(config, backbone)
 
 

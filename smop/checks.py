@@ -72,6 +72,36 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
         check_checkpoint(cfg.ckpt_path)
 
 
+# Methods that run on seq2seq backbones only, for now: IDPG/LoPA read the backbone's own encoder, FPT drops T5 layers
+SEQ2SEQ_ONLY = ("idpg", "lopa", "fpt")
+
+
+def check_method_on_kind(cfg: DictConfig, kind: str) -> None:
+    """Refuse, before any model is built, a method that does not run on this backbone kind (seq2seq or causal)."""
+    if kind != "causal":
+        return
+    method = cfg.method.name
+    fpt_callback = bool((cfg.get("callbacks") or {}).get("fpt"))  # FPT's schedule: `callbacks=fpt`, any method
+    what = f"method={method}" if method in SEQ2SEQ_ONLY else "callbacks.fpt" if fpt_callback else None
+    if what is not None:
+        runs = ", ".join(m for m in options("method") if m not in SEQ2SEQ_ONLY)
+        raise Refused(
+            f"{what} does not run on a causal backbone (model.name_or_path={cfg.model.name_or_path}) in this "
+            f"version: it needs a seq2seq one (T5 family). On causal backbones: {runs}"
+        )
+
+
+def check_seq2seq_tool(tool: str, model: Any) -> None:
+    """Refuse a causal backbone in a tool that handles seq2seq ones only (export, serving), before building it."""
+    from smop.backbones import CAUSAL, model_kind
+
+    if model_kind(model) == CAUSAL:
+        raise Refused(
+            f"{tool} does not support a causal backbone (model.name_or_path={model['name_or_path']}) in this version: "
+            "it handles seq2seq ones (T5 family)"
+        )
+
+
 def check_devices(trainer: DictConfig) -> None:
     """What the trainer config asks of this machine: run in the job itself, where it will train (a SLURM login
     node that submits GPU jobs has no GPU), before any model is built."""

@@ -2,8 +2,9 @@
 
 Time excludes evaluation. FLOPs are counted once, before the timed loop, on real batches of the
 training data (dynamic padding included), with eager attention so that the attention matmuls count:
-fvcore for the inference forward (encoder + decoder over the label length) and torch's FlopCounterMode
-for a training step (forward + backward), both as multiply-adds (fvcore's convention).
+fvcore for the inference forward (seq2seq: encoder + decoder over the label length; causal: one pass over prompt,
+input and label) and torch's FlopCounterMode for a training step (forward + backward), both as multiply-adds
+(fvcore's convention).
 """
 
 from __future__ import annotations
@@ -151,27 +152,25 @@ def eager_attention(model: nn.Module):
 
 
 class _InferenceForward(nn.Module):
-    """Encoder over [prompt ; input] + decoder over the label length: what inference costs per example."""
+    """What inference costs per example: a seq2seq backbone's encoder over [prompt ; input] and decoder over the label
+    length; a causal backbone's one pass over prompt, input and label."""
 
     def __init__(self, system: nn.Module, encoder_batch: EncoderBatch | None = None) -> None:
         super().__init__()
         self.system, self.encoder_batch = system, encoder_batch
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         embeds, mask, _ = self.system.encoder_inputs(input_ids, attention_mask, self.encoder_batch)
-        return self.system.backbone(
-            inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids, use_cache=False
-        ).logits
+        return self.system.kind.inference_logits(self.system.backbone, embeds, mask, labels)
 
 
 def inference_flops(system: nn.Module, batch: dict[str, Tensor]) -> float:
     """fvcore FLOPs (multiply-adds) of one inference forward, per example of `batch`."""
-    decoder_input_ids = system.backbone.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
     wrapper = _InferenceForward(system, EncoderBatch.of(batch))
     was_training = system.training
     system.eval()
     try:
-        analysis = FlopCountAnalysis(wrapper, (batch["input_ids"], batch["attention_mask"], decoder_input_ids))
+        analysis = FlopCountAnalysis(wrapper, (batch["input_ids"], batch["attention_mask"], batch["labels"]))
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
         analysis.tracer_warnings("none")

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from smop.backbones import TINY
+from smop.checks import check_seq2seq_tool
 from smop.loading import (
     CLI_DEFAULTS,
     CONFIG,
@@ -47,6 +48,7 @@ from smop.loading import (
     from_checkpoint,
     hydra_cli,
     read_checkpoint,
+    with_model,
 )
 from smop.prompts import PromptModule, PromptTuning, PTuning
 from smop.results import versions
@@ -185,6 +187,9 @@ def export(
     """Export a train.py checkpoint; by default into a folder next to it, named after it."""
     ckpt_path = Path(ckpt_path)
     checkpoint = read_checkpoint(ckpt_path)
+    config = checkpoint.get("hyper_parameters") or {}
+    if "model" in config:  # a causal backbone is refused before it is built; a foreign file by from_checkpoint
+        check_seq2seq_tool("export", with_model(config, model_name_or_path)["model"])
     loaded = from_checkpoint(checkpoint, ckpt_path, model_name_or_path, device="cpu")
     source = {
         "checkpoint": str(ckpt_path),

@@ -60,7 +60,9 @@ class LoadedModel:
 
     def encode(self, examples: Sequence[dict[str, Any]]) -> list[list[int]]:
         """Token ids of raw examples, formatted and truncated exactly as in training."""
-        return encode(self.task, self.datamodule.tokenizer, list(examples), self.datamodule.budget)
+        return encode(
+            self.task, self.datamodule.tokenizer, list(examples), self.datamodule.budget, self.datamodule.causal
+        )
 
     def encoder_batch(self, examples: Sequence[dict[str, Any]]) -> EncoderBatch | None:
         """The examples as a separate encoder reads them (IDPG/LoPA with method.encoder=<model>), else None."""

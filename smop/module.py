@@ -1,4 +1,6 @@
-"""The system: a frozen T5 backbone plus one trainable prompt module (or the whole model for `full`)."""
+"""The system: a frozen backbone (seq2seq or causal) plus one trainable prompt module (or the whole model for `full`).
+
+What differs between the backbone kinds (where the prompted input goes, the loss, generation) is in smop.backbones."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from smop.adapters import add_lora
-from smop.backbones import freeze
+from smop.backbones import freeze, kind_of
 from smop.data.tasks import Task
 from smop.metrics import RoutingCounts, TaskMetrics, to_label_index
 from smop.prompts.base import EncoderBatch, PromptModule, PromptOutput
@@ -62,6 +64,7 @@ class PromptTuningSystem(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(config or {})  # the plain resolved config: loads with weights_only=True
         self.backbone = backbone.requires_grad_(True) if train_backbone else freeze(backbone)
+        self.kind = kind_of(backbone)  # seq2seq or causal: the loss and generation of this backbone
         lora = dict(lora or {})
         self.adapter_lr = lora.pop("lr", None)
         if lora:  # LoRA + X: trainable adapters inside the frozen backbone
@@ -100,7 +103,8 @@ class PromptTuningSystem(L.LightningModule):
     def encoder_inputs(
         self, input_ids: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None
     ) -> tuple[Tensor, Tensor, PromptOutput | None]:
-        """[P ; E[x]] and the mask with ones for the prompt; the decoder is untouched.
+        """[P ; E[x]] and the mask with ones for the prompt, from the source alone (never the target): the encoder input
+        of a seq2seq backbone (its decoder is untouched), the start of a causal one's sequence (`self.kind` places it).
 
         `encoder_batch`: the input as a separate encoder's tokenizer reads it, for the prompt modules that have one."""
         embeds = self.backbone.get_input_embeddings()(input_ids)
@@ -118,11 +122,12 @@ class PromptTuningSystem(L.LightningModule):
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, encoder_batch: EncoderBatch | None = None
     ) -> tuple[Tensor, Tensor, PromptOutput | None]:
-        """Task loss (plus the prompt module's auxiliary loss), decoder logits, prompt output."""
+        """Task loss over the target tokens (plus the prompt module's auxiliary loss), the logits that predict the
+        target [B, t, V], prompt output."""
         embeds, mask, out = self.encoder_inputs(input_ids, attention_mask, encoder_batch)
-        result = self.backbone(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-        loss = result.loss if out is None or out.aux_loss is None else result.loss + out.aux_loss
-        return loss, result.logits, out
+        task_loss, logits = self.kind.loss(self.backbone, embeds, mask, labels)
+        loss = task_loss if out is None or out.aux_loss is None else task_loss + out.aux_loss
+        return loss, logits, out
 
     @torch.no_grad()
     def predict_labels(
@@ -130,9 +135,7 @@ class PromptTuningSystem(L.LightningModule):
     ) -> tuple[Tensor, PromptOutput | None]:
         """Greedy generation, normalised exact match to a label word (-1: no label word)."""
         embeds, mask, out = self.encoder_inputs(input_ids, attention_mask, encoder_batch)
-        generated = self.backbone.generate(
-            inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens
-        )
+        generated = self.kind.generate(self.backbone, embeds, mask, self.max_new_tokens, self.tokenizer)
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return to_label_index(texts, self.task.label_words).to(input_ids.device), out
 

@@ -15,8 +15,15 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from smop.backbones import BackboneKindError, HubUnreachableError, build_backbone, build_tokenizer, check_backbone_kind
-from smop.checks import Refused, check_config, check_devices, method_routes
+from smop.backbones import (
+    CAUSAL,
+    BackboneKindError,
+    HubUnreachableError,
+    build_backbone,
+    build_tokenizer,
+    model_kind,
+)
+from smop.checks import Refused, check_config, check_devices, check_method_on_kind, method_routes
 from smop.data import SuperGLUEDataModule
 from smop.distributed import isolated_job, launch_ranks_per_job
 from smop.interrupts import EXIT_CODES, InterruptCheckpoint, RunStopped, StopSignals, position
@@ -59,6 +66,8 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any, setup: bool = True) -> Sup
         prompt_length=cfg.method.get("prompt_length", 0),
         seed=cfg.seed,
         encoder_tokenizer=encoder_tokenizer(cfg.method.get("encoder")),  # IDPG/LoPA with a separate encoder
+        # source and target as a causal LM reads them (no `model` group: the benchmark's T5)
+        causal=cfg.get("model") is not None and model_kind(cfg.model) == CAUSAL,
         _convert_="all",
     )
     if setup:
@@ -78,6 +87,10 @@ def build_prompt(cfg: DictConfig, backbone: torch.nn.Module, tokenizer: Any) -> 
 def build_system(cfg: DictConfig, datamodule: SuperGLUEDataModule, tokenizer: Any) -> PromptTuningSystem:
     tiny = OmegaConf.to_container(cfg.model.tiny) if cfg.model.get("tiny") else None
     backbone = build_backbone(cfg.model.name_or_path, tiny)
+    lora = OmegaConf.to_container(cfg.method.lora, resolve=True) if cfg.method.get("lora") else None
+    if lora is not None and lora.get("target_modules") is None:  # the architecture's modules (Llama: q_proj, v_proj)
+        targets = cfg.model.get("lora_target_modules")
+        lora["target_modules"] = list(targets) if targets is not None else None
     return PromptTuningSystem(
         backbone=backbone,
         tokenizer=tokenizer,
@@ -90,7 +103,7 @@ def build_system(cfg: DictConfig, datamodule: SuperGLUEDataModule, tokenizer: An
         max_new_tokens=datamodule.max_target_length,
         train_backbone=cfg.method.train_backbone,
         train_dropout=cfg.method.get("train_dropout", True),
-        lora=OmegaConf.to_container(cfg.method.lora) if cfg.method.get("lora") else None,
+        lora=lora,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
 
@@ -170,8 +183,12 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             owned = previous is None and not saved_checkpoints(cfg)
             check_config(cfg, choice("router"))
             check_devices(cfg.trainer)
-            check_backbone_kind(cfg.model.name_or_path)  # a decoder-only folder stops here, before any data is read
+            # the kind from the checkpoint's own config, before any data is read: a folder of neither kind stops here,
+            # and so does a method that does not run on this kind yet
+            check_method_on_kind(cfg, model_kind(cfg.model))
             start = starting_point(cfg, overrides)  # may take the checkpoint's own config (train=false)
+            if start.adopted:  # the checkpoint's model or method may differ from the command line's
+                check_method_on_kind(cfg, model_kind(cfg.model))
             owned = True
             router = choice("router")
             if "router" in start.adopted and cfg.get("router") is not None:  # named after the checkpoint's own

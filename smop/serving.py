@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from smop.backbones import build_backbone, build_tokenizer, freeze
+from smop.checks import check_seq2seq_tool
 from smop.data import Task
 from smop.data.datamodule import encode
 from smop.loading import (
@@ -83,6 +84,7 @@ class PromptServer(nn.Module):
         named = self._names(exports)
         loaded = {name: read_export(folder) for name, folder in named.items()}
         first = with_model(next(iter(loaded.values()))[1], model_name_or_path)
+        check_seq2seq_tool("serving", first["model"])
         self.tokenizer = build_tokenizer(first["model"]["name_or_path"])
         with seeded(first["seed"]):  # the tiny T5's random weights come from the seed
             self.backbone = freeze(build_backbone(first["model"]["name_or_path"], first["model"].get("tiny")))

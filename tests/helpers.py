@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from smop.backbones import build_tokenizer
+from smop.data import SuperGLUEDataModule
 from smop.module import PromptTuningSystem
 from smop.run import build_datamodule, build_system
 
@@ -152,3 +153,10 @@ class LastCheckpointSteps(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if os.path.exists(self.path):
             LastCheckpointSteps.steps.append(torch.load(self.path, weights_only=True)["global_step"])
+
+
+def build_with_data(cfg: DictConfig) -> tuple[PromptTuningSystem, SuperGLUEDataModule]:
+    """The system and its datamodule (set up), for tests that compose their own batches."""
+    tokenizer = build_tokenizer(cfg.model.name_or_path)
+    datamodule = build_datamodule(cfg, tokenizer)
+    return build_system(cfg, datamodule, tokenizer), datamodule

@@ -37,15 +37,22 @@ def split_train_val(labels: list[Any], val_fraction: float, seed: int) -> tuple[
 
 
 def encode(
-    task: Task, tokenizer: PreTrainedTokenizerBase, examples: list[dict[str, Any]], budget: int
+    task: Task, tokenizer: PreTrainedTokenizerBase, examples: list[dict[str, Any]], budget: int, causal: bool = False
 ) -> list[list[int]]:
     """Token ids of each formatted example, at most `budget` long (EOS included).
 
     A too-long example first loses tokens from its long field (`task.truncate_field`, e.g. the passage),
     so that the closing fields and the EOS survive; only if that is not enough is the end cut.
+    `causal`: the source of a decoder-only LM, which the target continues: without the EOS (a BOS the tokenizer
+    adds stays).
     """
+
+    def ids_of(texts: list[str]) -> list[list[int]]:
+        encoded = tokenizer(texts).input_ids
+        return [without_eos(ids, tokenizer.eos_token_id) for ids in encoded] if causal else encoded
+
     texts = [task.template.format(**example) for example in examples]
-    encoded = tokenizer(texts).input_ids
+    encoded = ids_of(texts)
     for i, ids in enumerate(encoded):
         if len(ids) <= budget:
             continue
@@ -56,11 +63,23 @@ def encode(
             field_ids = tokenizer(example[task.truncate_field], add_special_tokens=False).input_ids
             keep = max(0, len(field_ids) - (len(ids) - budget) - 1)
             example[task.truncate_field] = tokenizer.decode(field_ids[:keep], skip_special_tokens=True)
-            ids = tokenizer(task.template.format(**example)).input_ids
+            ids = ids_of([task.template.format(**example)])[0]
         if len(ids) > budget:
-            ids = ids[: budget - 1] + [tokenizer.eos_token_id]
+            ids = ids[:budget] if causal else ids[: budget - 1] + [tokenizer.eos_token_id]
         encoded[i] = ids
     return encoded
+
+
+def without_eos(ids: list[int], eos_token_id: int | None) -> list[int]:
+    return ids[:-1] if ids and eos_token_id is not None and ids[-1] == eos_token_id else ids
+
+
+def target_ids(tokenizer: PreTrainedTokenizerBase, words: list[str], causal: bool = False) -> list[list[int]]:
+    """Each label word's ids: as the tokenizer encodes it (T5: EOS last); for a causal LM the word's own tokens and
+    the EOS, never a BOS (the target continues the source)."""
+    if not causal:
+        return tokenizer(words).input_ids
+    return [ids + [tokenizer.eos_token_id] for ids in tokenizer(words, add_special_tokens=False).input_ids]
 
 
 class ResumableSampler(DistributedSampler):
@@ -104,7 +123,10 @@ class SuperGLUEDataModule(L.LightningDataModule):
         synthetic: dict[str, Any] | None = None,
         seed: int = 0,
         encoder_tokenizer: PreTrainedTokenizerBase | None = None,
+        causal: bool = False,
     ) -> None:
+        """`causal`: the backbone is a decoder-only LM (see `encode` and `target_ids`); its whole sequence, prompt,
+        source and target, fits `max_length`."""
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
@@ -120,7 +142,13 @@ class SuperGLUEDataModule(L.LightningDataModule):
         self.encoder_tokenizer = encoder_tokenizer
         self.source, self.data_dir, self.hub_name, self.hub_config = source, data_dir, hub_name, hub_config
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.budget = max_length - prompt_length
+        self.causal = causal
+        self.budget = max_length - prompt_length - (self.max_target_length if causal else 0)
+        if self.budget < 1:
+            raise ValueError(
+                f"dataset.max_length={max_length} leaves no room for the input after a {prompt_length}-token prompt "
+                f"and the {self.max_target_length}-token target of a causal LM"
+            )
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.synthetic = dict(synthetic or {})
         self.seed = seed
@@ -130,7 +158,7 @@ class SuperGLUEDataModule(L.LightningDataModule):
     @property
     def max_target_length(self) -> int:
         """Tokens of the longest label word, EOS included: the generation length at evaluation."""
-        return max(len(ids) for ids in self.tokenizer(self.task.label_words).input_ids)
+        return max(len(ids) for ids in target_ids(self.tokenizer, self.task.label_words, self.causal))
 
     def _raw(self, split: str) -> list[dict[str, Any]]:
         if self.source == "synthetic":
@@ -156,10 +184,10 @@ class SuperGLUEDataModule(L.LightningDataModule):
         else:  # stratified per label
             train_ids, val_ids = split_train_val([r["label"] for r in train_raw], self.val_fraction, self.split_seed)
         raw = {"train": [train_raw[i] for i in train_ids], "val": [train_raw[i] for i in val_ids], "test": test_raw}
-        targets = self.tokenizer(self.task.label_words).input_ids
+        targets = target_ids(self.tokenizer, self.task.label_words, self.causal)
         for split, records in raw.items():
             examples = list(flatten(self.task, records))
-            inputs = encode(self.task, self.tokenizer, examples, self.budget)
+            inputs = encode(self.task, self.tokenizer, examples, self.budget, self.causal)
             self.splits[split] = [
                 {"input_ids": ids, "labels": targets[ex["label"]], "label_index": ex["label"], "group": ex["group"]}
                 for ids, ex in zip(inputs, examples, strict=True)

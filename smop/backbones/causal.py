@@ -1,0 +1,118 @@
+"""The causal kind (decoder-only LMs: Llama, Qwen2, Phi, GPT-2, ...): the one place that says how a prompted
+input becomes a sequence.
+
+Each row is [padding ; P ; E[source] ; E[target]]: the padding comes first, the prompt sits immediately before
+the first real token, the target follows the source (teacher-forced in training), and the position ids count
+real positions only. An example's loss and generation therefore do not depend on what else is in its batch. The
+loss covers the target tokens only. Generation starts from the embeddings [padding ; P ; E[source]], greedy with
+the KV cache, and returns the new tokens only.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+IGNORE = -100
+
+
+def left_aligned(mask: Tensor) -> Tensor:
+    """Per row, the order that moves the padding to the front and keeps the real positions in their order."""
+    return torch.sort(mask.long(), dim=1, stable=True).indices
+
+
+def take(values: Tensor, order: Tensor) -> Tensor:
+    """values[b, order[b]] for [B, n] or [B, n, d] values."""
+    index = order if values.dim() == 2 else order.unsqueeze(-1).expand(-1, -1, values.shape[-1])
+    return values.gather(1, index)
+
+
+def cache_keyword(backbone: nn.Module) -> str:
+    """transformers 5.2x names the KV cache `cache`; earlier releases `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
+def position_ids(mask: Tensor) -> Tensor:
+    """0, 1, 2, ... over the real positions; the padding before them gets 0 (it is masked anyway)."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+class CausalKind:
+    """The prompted source from the system ([P ; E[source]] with its mask, right-padded) becomes one sequence."""
+
+    name = "causal"
+
+    def teacher_forced(
+        self, backbone: nn.Module, embeds: Tensor, mask: Tensor, labels: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """[padding ; P ; E[source] ; E[target]] and its mask, from the prompted source and the -100-padded target."""
+        target_mask = labels.ne(IGNORE)
+        target = backbone.get_input_embeddings()(labels.masked_fill(~target_mask, 0)).to(embeds.dtype)
+        full_mask = torch.cat([mask, target_mask.to(mask.dtype)], dim=1)
+        order = left_aligned(full_mask)
+        return take(torch.cat([embeds, target], dim=1), order), take(full_mask, order)
+
+    def _logits(self, backbone: nn.Module, embeds: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        """Teacher-forced logits at the positions that predict each target token: [B, t, V], aligned with `labels`
+        (a padded target position takes the last position's logits; the loss ignores it)."""
+        sequence, sequence_mask = self.teacher_forced(backbone, embeds, mask, labels)
+        positions = position_ids(sequence_mask)
+        logits = backbone(
+            inputs_embeds=sequence, attention_mask=sequence_mask, position_ids=positions, use_cache=False
+        ).logits
+        total, target_length = logits.shape[1], labels.shape[1]
+        lengths = labels.ne(IGNORE).sum(1, keepdim=True)  # each row's target sits at its end
+        steps = torch.arange(target_length, device=labels.device).unsqueeze(0)
+        index = (total - lengths - 1 + steps).clamp(max=total - 1)
+        return take(logits, index)
+
+    def loss(self, backbone: nn.Module, embeds: Tensor, mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy over the target tokens (as T5's loss), and the target logits [B, t, V]."""
+        logits = self._logits(backbone, embeds, mask, labels)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        return loss, logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        backbone: nn.Module,
+        embeds: Tensor,
+        mask: Tensor,
+        max_new_tokens: int,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> Tensor:
+        """Greedy decoding with the KV cache from [padding ; P ; E[source]]: the new tokens only,
+        [B, <= max_new_tokens]. A row that has produced EOS continues with padding."""
+        eos = tokenizer.eos_token_id if tokenizer is not None else backbone.config.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else eos
+        order = left_aligned(mask)
+        sequence, sequence_mask = take(embeds, order), take(mask, order)
+        positions = position_ids(sequence_mask)
+        out = backbone(inputs_embeds=sequence, attention_mask=sequence_mask, position_ids=positions, use_cache=True)
+        keyword, next_position = cache_keyword(backbone), positions[:, -1:] + 1
+        done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+        tokens = []
+        for step in range(max_new_tokens):
+            token = out.logits[:, -1].argmax(-1).masked_fill(done, pad)
+            tokens.append(token)
+            done = done | token.eq(eos)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            sequence_mask = torch.cat([sequence_mask, sequence_mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = backbone(
+                input_ids=token.unsqueeze(1),
+                attention_mask=sequence_mask,
+                position_ids=next_position,
+                use_cache=True,
+                **{keyword: out["cache"] if "cache" in out else out["past_key_values"]},
+            )
+            next_position = next_position + 1
+        return torch.stack(tokens, dim=1)
+
+    def inference_logits(self, backbone: nn.Module, embeds: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        """One inference forward for counting FLOPs: prompt, source and target in one pass, without the cache."""
+        return self._logits(backbone, embeds, mask, labels)
