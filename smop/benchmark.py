@@ -84,9 +84,11 @@ class Setting:
 
     def describe(self) -> dict[str, float]:
         masks = [b["attention_mask"] for b in self.batches]
-        return {"input_tokens_mean": statistics.mean(float(m.sum(1).float().mean()) for m in masks),
-                "padded_length_mean": statistics.mean(float(m.shape[1]) for m in masks),
-                "label_length_mean": statistics.mean(float(b["labels"].shape[1]) for b in self.batches)}
+        return {
+            "input_tokens_mean": statistics.mean(float(m.sum(1).float().mean()) for m in masks),
+            "padded_length_mean": statistics.mean(float(m.shape[1]) for m in masks),
+            "label_length_mean": statistics.mean(float(b["labels"].shape[1]) for b in self.batches),
+        }
 
 
 @dataclass
@@ -106,8 +108,9 @@ def estimated_length(num_bytes: int, bytes_per_token: float) -> int:
     return max(1, math.ceil(num_bytes / bytes_per_token)) + 1
 
 
-def task_rows(bench: DictConfig, task: str, tokenizer: PreTrainedTokenizerBase, estimate: bool, budget: int,
-              vocab_high: int) -> TaskRows:
+def task_rows(
+    bench: DictConfig, task: str, tokenizer: PreTrainedTokenizerBase, estimate: bool, budget: int, vocab_high: int
+) -> TaskRows:
     """Rows of the task read through SuperGLUEDataModule (`benchmark.source`, sample by default).
 
     With a real tokenizer the ids are real, truncated to `budget` as in training. Without one
@@ -126,12 +129,23 @@ def task_rows(bench: DictConfig, task: str, tokenizer: PreTrainedTokenizerBase, 
     rows = datamodule.splits["train"]
     pad_id = tokenizer.pad_token_id
     if not estimate:
-        return TaskRows(datamodule.task, rows, datamodule.collate, pad_id, root.dataset.source,
-                        f"real ids ({type(tokenizer).__name__})")
+        return TaskRows(
+            datamodule.task,
+            rows,
+            datamodule.collate,
+            pad_id,
+            root.dataset.source,
+            f"real ids ({type(tokenizer).__name__})",
+        )
     generator = torch.Generator().manual_seed(bench.seed)
     eos = tokenizer.eos_token_id
-    label_ids = [torch.randint(3, vocab_high, (estimated_length(len(w.encode()), bench.bytes_per_token) - 1,),
-                               generator=generator).tolist() + [eos] for w in datamodule.task.label_words]
+    label_ids = [
+        torch.randint(
+            3, vocab_high, (estimated_length(len(w.encode()), bench.bytes_per_token) - 1,), generator=generator
+        ).tolist()
+        + [eos]
+        for w in datamodule.task.label_words
+    ]
     estimated = []
     for row in rows:
         length = min(estimated_length(len(row["input_ids"]) - 1, bench.bytes_per_token), budget)
@@ -146,13 +160,16 @@ def real_batches(rows: TaskRows, batch_size: int, count: int, seed: int) -> list
     generator = torch.Generator().manual_seed(seed)
     batches: list[Batch] = []
     while len(batches) < count:
-        loader = DataLoader(rows.rows, batch_size=batch_size, shuffle=True, drop_last=True,
-                            collate_fn=rows.collate, generator=generator)
+        loader = DataLoader(
+            rows.rows, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=rows.collate, generator=generator
+        )
         before = len(batches)
         batches += list(itertools.islice(loader, count - len(batches)))
         if len(batches) == before:
-            raise ValueError(f"benchmark.batch_size={batch_size} is larger than the {len(rows.rows)} training rows "
-                             f"of {rows.task.name}; lower it or give more data (benchmark.source=dir)")
+            raise ValueError(
+                f"benchmark.batch_size={batch_size} is larger than the {len(rows.rows)} training rows "
+                f"of {rows.task.name}; lower it or give more data (benchmark.source=dir)"
+            )
     return batches
 
 
@@ -213,8 +230,9 @@ class LiveTensorBytes(TorchDispatchMode):
 
 def resident_bytes(modules: list[nn.Module], optimizer: torch.optim.Optimizer | None) -> int:
     """Bytes of the distinct storages of every parameter, gradient and optimizer state tensor."""
-    tensors = [p for m in modules for p in m.parameters()] + [p.grad for m in modules for p in m.parameters()
-                                                              if p.grad is not None]
+    tensors = [p for m in modules for p in m.parameters()] + [
+        p.grad for m in modules for p in m.parameters() if p.grad is not None
+    ]
     if optimizer is not None:
         tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
@@ -222,8 +240,9 @@ def resident_bytes(modules: list[nn.Module], optimizer: torch.optim.Optimizer | 
 
 
 # --- variants ---------------------------------------------------------------------------------------
-def timed_steps(step: Callable[[Batch], None], batches: list[Batch], warmup: int,
-                device: torch.device) -> tuple[list[float], list[float]]:
+def timed_steps(
+    step: Callable[[Batch], None], batches: list[Batch], warmup: int, device: torch.device
+) -> tuple[list[float], list[float]]:
     """Wall time and process CPU time of each step after the first `warmup`, synchronised with the device.
 
     CPU time does not count the moments other jobs hold the cores, so on a shared CPU with one torch thread it
@@ -259,8 +278,11 @@ def load_method(name: str) -> DictConfig:
     """configs/method/<name>.yaml merged over the methods it extends (lora_smop: smop); other defaults
     (the router, the optimizer, callbacks) are the variant's and the benchmark's to choose."""
     method = OmegaConf.load(CONFIG_DIR / "method" / f"{name}.yaml")
-    bases = [entry for entry in method.pop("defaults", []) if isinstance(entry, str) and entry != "_self_"
-             and "/" not in entry]
+    bases = [
+        entry
+        for entry in method.pop("defaults", [])
+        if isinstance(entry, str) and entry != "_self_" and "/" not in entry
+    ]
     return OmegaConf.merge(*(load_method(base) for base in bases), method)
 
 
@@ -268,29 +290,50 @@ def method_config(spec: DictConfig, optimizer: str) -> DictConfig:
     """The project's own method / router / optimizer configs, with the variant's `set` overrides applied."""
     method = load_method(spec.method)
     router = OmegaConf.load(CONFIG_DIR / "router" / f"{spec.router}.yaml") if spec.get("router") else None
-    root = OmegaConf.create({"method": method, "router": router,
-                             "optimizer": OmegaConf.load(CONFIG_DIR / "optimizer" / f"{optimizer}.yaml")})
+    root = OmegaConf.create(
+        {
+            "method": method,
+            "router": router,
+            "optimizer": OmegaConf.load(CONFIG_DIR / "optimizer" / f"{optimizer}.yaml"),
+        }
+    )
     overrides = spec.get("set")  # resolved here: it may refer to benchmark.* options
     root.method = OmegaConf.merge(root.method, OmegaConf.to_container(overrides, resolve=True) if overrides else {})
     OmegaConf.resolve(root)
     routes = method_routes(root)
     if routes != (router is not None):
-        raise ValueError(f"variant with method={spec.method}: " + ("it routes and needs a `router`" if routes else
-                                                                   "it does not route; remove its `router`"))
+        raise ValueError(
+            f"variant with method={spec.method}: "
+            + ("it routes and needs a `router`" if routes else "it does not route; remove its `router`")
+        )
     return root
 
 
-def build_ours(root: DictConfig, backbone: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
-               task: Task, device: torch.device, autocast: Callable[[], Any], train_dropout: bool) -> Runner:
+def build_ours(
+    root: DictConfig,
+    backbone: T5ForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    train_dropout: bool,
+) -> Runner:
     """Our PromptTuningSystem, exactly as train.py builds it, driven by a plain loop (see docs)."""
     full = bool(root.method.train_backbone)
     snapshot = {k: v.detach().to("cpu", copy=True) for k, v in backbone.state_dict().items()} if full else None
     if full:
         backbone.requires_grad_(True)  # full fine-tuning trains the shared backbone; restored on close
     lora = OmegaConf.to_container(root.method.lora) if root.method.get("lora") else None
-    system = PromptTuningSystem(backbone, tokenizer, task, build_prompt(root, backbone, tokenizer),
-                                optimizer=instantiate(root.optimizer), train_backbone=full, train_dropout=train_dropout,
-                                lora=lora).to(device)
+    system = PromptTuningSystem(
+        backbone,
+        tokenizer,
+        task,
+        build_prompt(root, backbone, tokenizer),
+        optimizer=instantiate(root.optimizer),
+        train_backbone=full,
+        train_dropout=train_dropout,
+        lora=lora,
+    ).to(device)
     system.train()
     optimizer = system.optimizer_factory(system.param_groups())  # the method's groups (DePT, LoRA: two lrs)
 
@@ -312,24 +355,46 @@ def build_ours(root: DictConfig, backbone: T5ForConditionalGeneration, tokenizer
     return Runner(step, trainable, [system], optimizer, system, root.method.get("prompt_length", 0), close=close)
 
 
-def build_lightning(root: DictConfig, backbone: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
-                    task: Task, device: torch.device, precision: str, train_dropout: bool) -> Runner:
+def build_lightning(
+    root: DictConfig,
+    backbone: T5ForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    device: torch.device,
+    precision: str,
+    train_dropout: bool,
+) -> Runner:
     """The same system trained by Lightning's Trainer, timed by the project's TrainingCost callback:
     what a real run's `cost.step_time_s_median` measures, hooks and logging included."""
     import lightning as L
 
     from smop.costs import TrainingCost
 
-    system = PromptTuningSystem(backbone, tokenizer, task, build_prompt(root, backbone, tokenizer),
-                                optimizer=instantiate(root.optimizer), train_dropout=train_dropout)
+    system = PromptTuningSystem(
+        backbone,
+        tokenizer,
+        task,
+        build_prompt(root, backbone, tokenizer),
+        optimizer=instantiate(root.optimizer),
+        train_dropout=train_dropout,
+    )
 
     def run(batches: list[Batch], warmup: int) -> list[float]:
         cost = TrainingCost()
-        trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-                            precision="bf16-mixed" if precision == "bf16" else "32-true", max_epochs=1,
-                            limit_train_batches=len(batches), limit_val_batches=0, num_sanity_val_steps=0,
-                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, callbacks=[cost])
+        trainer = L.Trainer(
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            precision="bf16-mixed" if precision == "bf16" else "32-true",
+            max_epochs=1,
+            limit_train_batches=len(batches),
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[cost],
+        )
         trainer.fit(system, train_dataloaders=DataLoader(batches, batch_size=None))
         return cost.step_times[warmup:]
 
@@ -337,14 +402,20 @@ def build_lightning(root: DictConfig, backbone: T5ForConditionalGeneration, toke
     return Runner(lambda batch: None, trainable, [system], None, None, root.method.prompt_length, run=run)
 
 
-def build_peft(root: DictConfig, backbone: T5ForConditionalGeneration, device: torch.device,
-               autocast: Callable[[], Any], train_mode: bool) -> Runner:
+def build_peft(
+    root: DictConfig,
+    backbone: T5ForConditionalGeneration,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    train_mode: bool,
+) -> Runner:
     """The peer: peft's prompt tuning on a twin T5 holding the same weights, allocating exactly L rows."""
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
     length = int(root.method.prompt_length)
-    config = PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=length,
-                                num_transformer_submodules=1)
+    config = PromptTuningConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=length, num_transformer_submodules=1
+    )
     model = get_peft_model(twin_on_same_weights(backbone), config).to(device)
     model.train(train_mode)  # the frozen backbone's dropout as in the other variants (benchmark.train_dropout)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -352,8 +423,9 @@ def build_peft(root: DictConfig, backbone: T5ForConditionalGeneration, device: t
 
     def step(batch: Batch) -> None:
         with autocast():
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"]).loss
+            loss = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            ).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -361,8 +433,13 @@ def build_peft(root: DictConfig, backbone: T5ForConditionalGeneration, device: t
     return Runner(step, sum(p.numel() for p in params), [model], optimizer, prompt_length=length)
 
 
-def build_bare(root: DictConfig, backbone: T5ForConditionalGeneration, device: torch.device,
-               autocast: Callable[[], Any], train_dropout: bool) -> Runner:
+def build_bare(
+    root: DictConfig,
+    backbone: T5ForConditionalGeneration,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    train_dropout: bool,
+) -> Runner:
     """The floor: a plain nn.Parameter prompt concatenated to the embedding output, no project class."""
     length = int(root.method.prompt_length)
     prompt = nn.Parameter(torch.randn(length, backbone.config.d_model, device=device))
@@ -402,8 +479,14 @@ def analytic_inference_flops(config: T5Config, encoder_length: int, decoder_leng
     ffn = 3 if config.is_gated_act else 2
     n, t = encoder_length, decoder_length
     encoder = config.num_layers * (4 * n * d * inner + 2 * n * n * inner + ffn * n * d * f)
-    decoder = config.num_decoder_layers * (4 * t * d * inner + 2 * t * t * inner + 2 * t * d * inner
-                                           + 2 * n * d * inner + 2 * t * n * inner + ffn * t * d * f)
+    decoder = config.num_decoder_layers * (
+        4 * t * d * inner
+        + 2 * t * t * inner
+        + 2 * t * d * inner
+        + 2 * n * d * inner
+        + 2 * t * n * inner
+        + ffn * t * d * f
+    )
     return float(encoder + decoder + t * d * vocab)
 
 
@@ -438,10 +521,13 @@ def count_flops(runner: Runner, batches: list[Batch], rows: int) -> dict[str, fl
             module = prompt_module_flops(system.prompt, count, length)
             if module is not None and not has_lora(system.backbone):  # no formula for LoRA's adapters either
                 width = runner.prompt_length + length
-                analytic.append(analytic_inference_flops(system.backbone.config, width, part["labels"].shape[1])
-                                + module)
-    return {"inference_flops_per_example": statistics.mean(measured),
-            "analytic_flops_per_example": statistics.mean(analytic) if analytic else None}
+                analytic.append(
+                    analytic_inference_flops(system.backbone.config, width, part["labels"].shape[1]) + module
+                )
+    return {
+        "inference_flops_per_example": statistics.mean(measured),
+        "analytic_flops_per_example": statistics.mean(analytic) if analytic else None,
+    }
 
 
 # --- one measurement --------------------------------------------------------------------------------
@@ -450,8 +536,13 @@ class Bench:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                                   else "cpu" if cfg.device == "auto" else cfg.device)
+        self.device = torch.device(
+            "cuda"
+            if cfg.device == "auto" and torch.cuda.is_available()
+            else "cpu"
+            if cfg.device == "auto"
+            else cfg.device
+        )
         if cfg.precision not in ("fp32", "bf16"):
             raise ValueError(f"benchmark.precision={cfg.precision}; allowed: fp32, bf16")
         self.batch_size = cfg.batch_size or (32 if self.device.type == "cuda" else 8)
@@ -499,10 +590,15 @@ class Bench:
         median = statistics.median(times)
         quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median, median, median]
         cpu = self.device.type == "cpu" and bool(cpu_times)
-        return {"step_time_s_median": median, "step_time_iqr_rel": (quartiles[2] - quartiles[0]) / median,
-                "step_time_s_min": min(times), "step_times_s": times, "examples_per_s": self.batch_size / median,
-                "step_cpu_s_median": statistics.median(cpu_times) if cpu else None,
-                "step_cpu_s": cpu_times if cpu else None}
+        return {
+            "step_time_s_median": median,
+            "step_time_iqr_rel": (quartiles[2] - quartiles[0]) / median,
+            "step_time_s_min": min(times),
+            "step_times_s": times,
+            "examples_per_s": self.batch_size / median,
+            "step_cpu_s_median": statistics.median(cpu_times) if cpu else None,
+            "step_cpu_s": cpu_times if cpu else None,
+        }
 
     def measure(self, name: str, setting: Setting, task: Task, first: bool = True) -> dict[str, Any]:
         """Time, memory, FLOPs and trainable parameters of one variant on one setting's batches.
@@ -532,9 +628,13 @@ class Bench:
                     for batch in setting.batches[: cfg.memory_steps]:
                         runner.step(batch)
                 memory, step_memory = resident + tracker.peak, tracker.peak
-            result = {"runner": self.specs[name].runner, "trainable_params": runner.trainable,
-                      **self.summarise(times, cpu_times), "peak_memory_bytes": memory,
-                      "step_memory_bytes": step_memory}
+            result = {
+                "runner": self.specs[name].runner,
+                "trainable_params": runner.trainable,
+                **self.summarise(times, cpu_times),
+                "peak_memory_bytes": memory,
+                "step_memory_bytes": step_memory,
+            }
             if runner.system is not None and first:
                 result.update(count_flops(runner, setting.batches[: cfg.flops_batches], cfg.flops_rows))
             return result
@@ -543,15 +643,19 @@ class Bench:
 
 
 # --- the data-pipeline comparison -------------------------------------------------------------------
-def padded_collate(collate: Callable[[list[dict[str, Any]]], Batch], length: int,
-                   pad_id: int) -> Callable[[list[dict[str, Any]]], Batch]:
+def padded_collate(
+    collate: Callable[[list[dict[str, Any]]], Batch], length: int, pad_id: int
+) -> Callable[[list[dict[str, Any]]], Batch]:
     """Pad every batch to `length` input tokens, as the DePT reference pads to max_length."""
 
     def pad(rows: list[dict[str, Any]]) -> Batch:
         batch = collate(rows)
         extra = length - batch["input_ids"].shape[1]
-        return {**batch, "input_ids": F.pad(batch["input_ids"], (0, extra), value=pad_id),
-                "attention_mask": F.pad(batch["attention_mask"], (0, extra), value=0)}
+        return {
+            **batch,
+            "input_ids": F.pad(batch["input_ids"], (0, extra), value=pad_id),
+            "attention_mask": F.pad(batch["attention_mask"], (0, extra), value=0),
+        }
 
     return pad
 
@@ -569,8 +673,13 @@ def pipeline_comparison(bench: Bench, rows: TaskRows) -> dict[str, Any]:
     for mode, collate in modes.items():
         runner = bench.build(name, rows.task)
         try:
-            loader = DataLoader(rows.rows, batch_size=bench.batch_size, shuffle=True, collate_fn=collate,
-                                generator=torch.Generator().manual_seed(bench.cfg.seed))
+            loader = DataLoader(
+                rows.rows,
+                batch_size=bench.batch_size,
+                shuffle=True,
+                collate_fn=collate,
+                generator=torch.Generator().manual_seed(bench.cfg.seed),
+            )
             runner.step(to_device(next(iter(loader)), bench.device))
             examples, widths = 0, []
             sync(bench.device)
@@ -583,10 +692,16 @@ def pipeline_comparison(bench: Bench, rows: TaskRows) -> dict[str, Any]:
             elapsed = time.perf_counter() - start
         finally:
             runner.close()
-        result[mode] = {"examples": examples, "batches": len(widths), "seconds": elapsed,
-                        "examples_per_s": examples / elapsed, "padded_length_mean": statistics.mean(widths)}
-    result["speedup_dynamic_over_max_length"] = (result["dynamic"]["examples_per_s"]
-                                                 / result["max_length"]["examples_per_s"])
+        result[mode] = {
+            "examples": examples,
+            "batches": len(widths),
+            "seconds": elapsed,
+            "examples_per_s": examples / elapsed,
+            "padded_length_mean": statistics.mean(widths),
+        }
+    result["speedup_dynamic_over_max_length"] = (
+        result["dynamic"]["examples_per_s"] / result["max_length"]["examples_per_s"]
+    )
     return result
 
 
@@ -605,12 +720,14 @@ def compare(variants: dict[str, dict[str, Any]], names: DictConfig) -> dict[str,
         "smop_over_pt_step_time": ratio(get("smop", "step_time_s_median"), get("pt", "step_time_s_median")),
         "smop_over_pt_memory": ratio(get("smop", "peak_memory_bytes"), get("pt", "peak_memory_bytes")),
         "smop_over_pt_step_memory": ratio(get("smop", "step_memory_bytes"), get("pt", "step_memory_bytes")),
-        "smop_over_pt_flops": ratio(get("smop", "inference_flops_per_example"),
-                                    get("pt", "inference_flops_per_example")),
+        "smop_over_pt_flops": ratio(
+            get("smop", "inference_flops_per_example"), get("pt", "inference_flops_per_example")
+        ),
         "ours_over_peft_step_time": ratio(get("pt", "step_time_s_median"), get("peft", "step_time_s_median")),
         "ours_over_bare_step_time": ratio(get("pt", "step_time_s_median"), get("bare", "step_time_s_median")),
-        "lightning_over_plain_step_time": ratio(get("lightning", "step_time_s_median"),
-                                                get("pt", "step_time_s_median")),
+        "lightning_over_plain_step_time": ratio(
+            get("lightning", "step_time_s_median"), get("pt", "step_time_s_median")
+        ),
         "smop_over_pt_cpu_time": ratio(get("smop", "step_cpu_s_median"), get("pt", "step_cpu_s_median")),
         "ours_over_peft_cpu_time": ratio(get("pt", "step_cpu_s_median"), get("peft", "step_cpu_s_median")),
         "ours_over_bare_cpu_time": ratio(get("pt", "step_cpu_s_median"), get("bare", "step_cpu_s_median")),
@@ -619,14 +736,23 @@ def compare(variants: dict[str, dict[str, Any]], names: DictConfig) -> dict[str,
     an_pt, an_smop = get("pt", "analytic_flops_per_example"), get("smop", "analytic_flops_per_example")
     if None not in (fv_pt, fv_smop, an_pt, an_smop):
         fvcore_delta, analytic_delta = fv_pt - fv_smop, an_pt - an_smop
-        out.update({"fvcore_flops_delta": fvcore_delta, "analytic_flops_delta": analytic_delta,
-                    "flops_delta_rel_error": abs(fvcore_delta - analytic_delta) / abs(analytic_delta)})
+        out.update(
+            {
+                "fvcore_flops_delta": fvcore_delta,
+                "analytic_flops_delta": analytic_delta,
+                "flops_delta_rel_error": abs(fvcore_delta - analytic_delta) / abs(analytic_delta),
+            }
+        )
     return out
 
 
 # --- the report -------------------------------------------------------------------------------------
-TARGETS = {"smop_over_pt_step_time": 0.85, "smop_over_pt_memory": 0.77, "smop_over_pt_flops": 0.73,
-           "ours_over_peft_step_time": 1.00}
+TARGETS = {
+    "smop_over_pt_step_time": 0.85,
+    "smop_over_pt_memory": 0.77,
+    "smop_over_pt_flops": 0.73,
+    "ours_over_peft_step_time": 1.00,
+}
 RATIO_LABELS = {
     "smop_over_pt_step_time": "SMoP/PT-100 time",
     "smop_over_pt_memory": "SMoP/PT-100 memory",
@@ -637,79 +763,142 @@ RATIO_LABELS = {
     "lightning_over_plain_step_time": "Lightning/plain time",
     "flops_delta_rel_error": "analytic check (rel. err.)",
 }
-CPU_RATIO_LABELS = {"smop_over_pt_cpu_time": "SMoP/PT-100", "ours_over_peft_cpu_time": "ours/peft",
-                    "ours_over_bare_cpu_time": "ours/bare"}
+CPU_RATIO_LABELS = {
+    "smop_over_pt_cpu_time": "SMoP/PT-100",
+    "ours_over_peft_cpu_time": "ours/peft",
+    "ours_over_bare_cpu_time": "ours/bare",
+}
 
 
 def _fmt(value: Any, kind: str) -> str:
     if value is None:
         return "-"
-    return {"ms": f"{value * 1e3:,.1f}", "mib": f"{value / MIB:,.1f}", "gflops": f"{value / 1e9:,.4g}",
-            "int": f"{value:,}", "rate": f"{value:,.1f}", "ratio": f"{value:.3f}",
-            "pct": f"{value * 100:.3f}%"}[kind]
+    return {
+        "ms": f"{value * 1e3:,.1f}",
+        "mib": f"{value / MIB:,.1f}",
+        "gflops": f"{value / 1e9:,.4g}",
+        "int": f"{value:,}",
+        "rate": f"{value:,.1f}",
+        "ratio": f"{value:.3f}",
+        "pct": f"{value * 100:.3f}%",
+    }[kind]
 
 
 def memory_header(kind: str) -> str:
     if kind == "cuda_max_allocated":
-        return ("Peak MiB: torch.cuda.max_memory_allocated over the training steps; step MiB: that peak minus "
-                "what was allocated before the first step (the steps' own memory)")
-    return ("Peak MiB (CPU): weights + gradients + optimizer state + step MiB, the peak of tensors alive at once "
-            "during a step (tracked at the dispatcher; no CUDA counter exists on CPU)")
+        return (
+            "Peak MiB: torch.cuda.max_memory_allocated over the training steps; step MiB: that peak minus "
+            "what was allocated before the first step (the steps' own memory)"
+        )
+    return (
+        "Peak MiB (CPU): weights + gradients + optimizer state + step MiB, the peak of tensors alive at once "
+        "during a step (tracked at the dispatcher; no CUDA counter exists on CPU)"
+    )
 
 
 def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """Title, header, rows of every table: one per setting, the ratios, the data pipeline."""
     out = []
-    header = ["variant", "trainable", "step ms", "IQR", "min ms", "CPU ms", "examples/s", "peak MiB",
-              "step MiB", "GFLOPs/ex fvcore", "GFLOPs/ex analytic"]
+    header = [
+        "variant",
+        "trainable",
+        "step ms",
+        "IQR",
+        "min ms",
+        "CPU ms",
+        "examples/s",
+        "peak MiB",
+        "step MiB",
+        "GFLOPs/ex fvcore",
+        "GFLOPs/ex analytic",
+    ]
     for setting in report["settings"]:
-        rows = [[name, _fmt(v["trainable_params"], "int"), _fmt(v["step_time_s_median"], "ms"),
-                 f"{v['step_time_iqr_rel'] * 100:.0f}%", _fmt(v["step_time_s_min"], "ms"),
-                 _fmt(v.get("step_cpu_s_median"), "ms"),
-                 _fmt(v["examples_per_s"], "rate"), _fmt(v["peak_memory_bytes"], "mib"),
-                 _fmt(v["step_memory_bytes"], "mib"),
-                 _fmt(v.get("inference_flops_per_example"), "gflops"),
-                 _fmt(v.get("analytic_flops_per_example"), "gflops")] for name, v in setting["variants"].items()]
+        rows = [
+            [
+                name,
+                _fmt(v["trainable_params"], "int"),
+                _fmt(v["step_time_s_median"], "ms"),
+                f"{v['step_time_iqr_rel'] * 100:.0f}%",
+                _fmt(v["step_time_s_min"], "ms"),
+                _fmt(v.get("step_cpu_s_median"), "ms"),
+                _fmt(v["examples_per_s"], "rate"),
+                _fmt(v["peak_memory_bytes"], "mib"),
+                _fmt(v["step_memory_bytes"], "mib"),
+                _fmt(v.get("inference_flops_per_example"), "gflops"),
+                _fmt(v.get("analytic_flops_per_example"), "gflops"),
+            ]
+            for name, v in setting["variants"].items()
+        ]
         shape = setting["shape"]
-        title = (f"{setting['name']}: mean input {shape['input_tokens_mean']:.1f} tokens, padded "
-                 f"{shape['padded_length_mean']:.1f}, labels {shape['label_length_mean']:.1f} ({setting['lengths']})")
+        title = (
+            f"{setting['name']}: mean input {shape['input_tokens_mean']:.1f} tokens, padded "
+            f"{shape['padded_length_mean']:.1f}, labels {shape['label_length_mean']:.1f} ({setting['lengths']})"
+        )
         out.append((title, header, rows))
-    ratio_header = ["setting"] + [RATIO_LABELS[k] + (f" (<= {TARGETS[k]:.2f})" if k in TARGETS else "")
-                                  for k in RATIO_LABELS]
-    ratio_rows = [[s["name"]] + [_fmt(s["ratios"].get(k), "pct" if k == "flops_delta_rel_error" else "ratio")
-                                 for k in RATIO_LABELS] for s in report["settings"]]
-    out.append(("Ratios (SMoP 4x5 vs PT-100; our PT-100 vs peft's, the bare loop, and Lightning)",
-                ratio_header, ratio_rows))
+    ratio_header = ["setting"] + [
+        RATIO_LABELS[k] + (f" (<= {TARGETS[k]:.2f})" if k in TARGETS else "") for k in RATIO_LABELS
+    ]
+    ratio_rows = [
+        [s["name"]]
+        + [_fmt(s["ratios"].get(k), "pct" if k == "flops_delta_rel_error" else "ratio") for k in RATIO_LABELS]
+        for s in report["settings"]
+    ]
+    out.append(
+        ("Ratios (SMoP 4x5 vs PT-100; our PT-100 vs peft's, the bare loop, and Lightning)", ratio_header, ratio_rows)
+    )
     if report["device"] == "cpu":
-        cpu_rows = [[s["name"]] + [_fmt(s["ratios"].get(k), "ratio") for k in CPU_RATIO_LABELS]
-                    for s in report["settings"]]
-        out.append(("Ratios of median CPU time per step (process time: not the moments other jobs hold the cores)",
-                    ["setting", *CPU_RATIO_LABELS.values()], cpu_rows))
+        cpu_rows = [
+            [s["name"]] + [_fmt(s["ratios"].get(k), "ratio") for k in CPU_RATIO_LABELS] for s in report["settings"]
+        ]
+        out.append(
+            (
+                "Ratios of median CPU time per step (process time: not the moments other jobs hold the cores)",
+                ["setting", *CPU_RATIO_LABELS.values()],
+                cpu_rows,
+            )
+        )
     pipe = report.get("pipeline")
     if pipe:
-        rows = [[mode, str(pipe[mode]["examples"]), f"{pipe[mode]['padded_length_mean']:.1f}",
-                 _fmt(pipe[mode]["examples_per_s"], "rate")] for mode in ("dynamic", "max_length")]
+        rows = [
+            [
+                mode,
+                str(pipe[mode]["examples"]),
+                f"{pipe[mode]['padded_length_mean']:.1f}",
+                _fmt(pipe[mode]["examples_per_s"], "rate"),
+            ]
+            for mode in ("dynamic", "max_length")
+        ]
         rows.append(["dynamic / max_length", "", "", _fmt(pipe["speedup_dynamic_over_max_length"], "ratio")])
-        out.append((f"Data pipeline: {pipe['variant']} on {pipe['task']}, DataLoader + training steps "
-                    f"(max_length pads inputs to {pipe['max_length_input']})",
-                    ["padding", "examples", "mean padded length", "examples/s"], rows))
+        out.append(
+            (
+                f"Data pipeline: {pipe['variant']} on {pipe['task']}, DataLoader + training steps "
+                f"(max_length pads inputs to {pipe['max_length_input']})",
+                ["padding", "examples", "mean padded length", "examples/s"],
+                rows,
+            )
+        )
     return out
 
 
 def markdown(report: dict[str, Any]) -> str:
     machine = report["machine"]
-    lines = [f"# Benchmark: {report['model']} ({report['precision']}, batch {report['batch_size']}, "
-             f"{report['device']})", "",
-             f"{machine['date']} - {machine['device_name']} - {machine['cpu_count']} CPU cores, "
-             f"{machine['torch_threads']} torch threads - torch {report['versions']['torch']}, "
-             f"transformers {report['versions']['transformers']}, peft {machine['peft']}", "",
-             f"Command: `{report['command']}`", "",
-             f"Step ms: median of {report['steps']} x {report['rounds']} timed steps (forward + backward + "
-             f"optimizer step) after {report['warmup_steps']} warm-up steps; IQR: their interquartile range over "
-             "the median (the noise); min ms: the fastest step; CPU ms (CPU runs): median process CPU time of a "
-             f"step. {memory_header(report['memory_kind'])}. "
-             "GFLOPs/ex: inference forward per example (encoder + decoder over the label length), multiply-adds. "
-             "Targets in brackets are reported, not asserted.", ""]
+    lines = [
+        f"# Benchmark: {report['model']} ({report['precision']}, batch {report['batch_size']}, {report['device']})",
+        "",
+        f"{machine['date']} - {machine['device_name']} - {machine['cpu_count']} CPU cores, "
+        f"{machine['torch_threads']} torch threads - torch {report['versions']['torch']}, "
+        f"transformers {report['versions']['transformers']}, peft {machine['peft']}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Step ms: median of {report['steps']} x {report['rounds']} timed steps (forward + backward + "
+        f"optimizer step) after {report['warmup_steps']} warm-up steps; IQR: their interquartile range over "
+        "the median (the noise); min ms: the fastest step; CPU ms (CPU runs): median process CPU time of a "
+        f"step. {memory_header(report['memory_kind'])}. "
+        "GFLOPs/ex: inference forward per example (encoder + decoder over the label length), multiply-adds. "
+        "Targets in brackets are reported, not asserted.",
+        "",
+    ]
     for title, header, rows in tables(report):
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -732,10 +921,15 @@ def print_tables(report: dict[str, Any], console: Console) -> None:
 def machine() -> dict[str, Any]:
     import peft
 
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "peft": peft.__version__,
-            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"}
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "peft": peft.__version__,
+        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU",
+    }
 
 
 def settings(bench: Bench) -> Iterator[tuple[Setting, Task, TaskRows]]:
@@ -748,8 +942,11 @@ def settings(bench: Bench) -> Iterator[tuple[Setting, Task, TaskRows]]:
         rows = task_rows(cfg, task, bench.tokenizer, bench.estimate, budget, bench.vocab_high)
         batches = real_batches(rows, bench.batch_size, count, cfg.seed)
         first = first or (batches, rows.task, rows)
-        yield Setting(f"{task} ({rows.source} lengths)", "real",
-                      [to_device(b, bench.device) for b in batches]), rows.task, rows
+        yield (
+            Setting(f"{task} ({rows.source} lengths)", "real", [to_device(b, bench.device) for b in batches]),
+            rows.task,
+            rows,
+        )
     if first is None and cfg.fixed_lengths:
         raise ValueError("benchmark.fixed_lengths takes its labels from the first of benchmark.tasks: give one")
     for length in cfg.fixed_lengths:
@@ -758,8 +955,13 @@ def settings(bench: Bench) -> Iterator[tuple[Setting, Task, TaskRows]]:
 
 
 # Expected here: a frozen backbone in eval mode, no validation loop, in-memory batches, peft on transformers 5.
-EXPECTED_WARNINGS = (".*module\\(s\\) in eval mode.*", ".*no `val_dataloader`.*", ".*does not have many workers.*",
-                     ".*is_gradient_checkpointing.*", ".*LeafSpec.*")
+EXPECTED_WARNINGS = (
+    ".*module\\(s\\) in eval mode.*",
+    ".*no `val_dataloader`.*",
+    ".*does not have many workers.*",
+    ".*is_gradient_checkpointing.*",
+    ".*LeafSpec.*",
+)
 
 
 def run_benchmark(cfg: DictConfig, output_dir: str | Path, command: str = "python -m smop.benchmark") -> dict[str, Any]:
@@ -780,11 +982,20 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
     bench = Bench(cfg.benchmark)
     console = Console(width=max(Console().width, 150))  # wide tables stay readable in logs and pipes
     report: dict[str, Any] = {
-        "model": cfg.benchmark.model, "device": str(bench.device), "precision": cfg.benchmark.precision,
-        "batch_size": bench.batch_size, "warmup_steps": cfg.benchmark.warmup_steps, "steps": cfg.benchmark.steps,
+        "model": cfg.benchmark.model,
+        "device": str(bench.device),
+        "precision": cfg.benchmark.precision,
+        "batch_size": bench.batch_size,
+        "warmup_steps": cfg.benchmark.warmup_steps,
+        "steps": cfg.benchmark.steps,
         "rounds": cfg.benchmark.rounds,
-        "memory_kind": bench.memory_kind, "command": command, "machine": machine(), "versions": versions(),
-        "settings": [], "pipeline": None, "config": OmegaConf.to_container(cfg.benchmark, resolve=True),
+        "memory_kind": bench.memory_kind,
+        "command": command,
+        "machine": machine(),
+        "versions": versions(),
+        "settings": [],
+        "pipeline": None,
+        "config": OmegaConf.to_container(cfg.benchmark, resolve=True),
     }
     rows_by_task: dict[str, TaskRows] = {}
     for setting, task, rows in settings(bench):
@@ -804,16 +1015,28 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
                     result = pooled
                 variants[name] = result
         lengths = rows.lengths if setting.kind == "real" else "random ids"
-        report["settings"].append({"name": setting.name, "kind": setting.kind, "lengths": lengths,
-                                   "shape": setting.describe(),
-                                   "variants": variants, "ratios": compare(variants, cfg.benchmark.compare)})
+        report["settings"].append(
+            {
+                "name": setting.name,
+                "kind": setting.kind,
+                "lengths": lengths,
+                "shape": setting.describe(),
+                "variants": variants,
+                "ratios": compare(variants, cfg.benchmark.compare),
+            }
+        )
     pipe = cfg.benchmark.pipeline
     if pipe.enabled:
         if pipe.variant not in bench.specs:
             raise ValueError(f"benchmark.pipeline.variant={pipe.variant} is not among the variants run")
-        rows = rows_by_task.get(pipe.task) or task_rows(cfg.benchmark, pipe.task, bench.tokenizer, bench.estimate,
-                                                        cfg.benchmark.max_length - bench.longest_prompt,
-                                                        bench.vocab_high)
+        rows = rows_by_task.get(pipe.task) or task_rows(
+            cfg.benchmark,
+            pipe.task,
+            bench.tokenizer,
+            bench.estimate,
+            cfg.benchmark.max_length - bench.longest_prompt,
+            bench.vocab_high,
+        )
         console.log(f"data pipeline: {pipe.variant} on {pipe.task}")
         report["pipeline"] = pipeline_comparison(bench, rows)
     output = Path(output_dir)

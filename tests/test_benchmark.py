@@ -33,12 +33,45 @@ from smop.prompts import DecomposedPromptTuning, PromptTuning, PTuning, SparseMi
 from smop.routers import LinearRouter
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"smop_4x5", "pt_5", "pt_20", "pt_50", "pt_100", "p_tuning_100", "full", "peft_pt_100", "bare_pt_100",
-            "lightning_pt_100", "dept_60", "idpg_10", "lopa_10", "lora_pt_100", "lora_smop_4x5"}
-TINY = ["benchmark.model=t5-tiny", "benchmark.threads=1", "benchmark.batch_size=4", "benchmark.warmup_steps=1",
-        "benchmark.steps=2", "benchmark.memory_steps=1", "benchmark.tasks=[rte]", "benchmark.max_length=200"]
-SMALL = dict(vocab_size=300, d_model=32, d_ff=48, d_kv=8, num_heads=2, num_layers=2, num_decoder_layers=1,
-             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+VARIANTS = {
+    "smop_4x5",
+    "pt_5",
+    "pt_20",
+    "pt_50",
+    "pt_100",
+    "p_tuning_100",
+    "full",
+    "peft_pt_100",
+    "bare_pt_100",
+    "lightning_pt_100",
+    "dept_60",
+    "idpg_10",
+    "lopa_10",
+    "lora_pt_100",
+    "lora_smop_4x5",
+}
+TINY = [
+    "benchmark.model=t5-tiny",
+    "benchmark.threads=1",
+    "benchmark.batch_size=4",
+    "benchmark.warmup_steps=1",
+    "benchmark.steps=2",
+    "benchmark.memory_steps=1",
+    "benchmark.tasks=[rte]",
+    "benchmark.max_length=200",
+]
+SMALL = dict(
+    vocab_size=300,
+    d_model=32,
+    d_ff=48,
+    d_kv=8,
+    num_heads=2,
+    num_layers=2,
+    num_decoder_layers=1,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
 
 
 def compose_benchmark(overrides: list[str]) -> DictConfig:
@@ -51,15 +84,19 @@ def test_benchmark_runs_end_to_end_on_tiny_t5_and_reports_every_variant(tmp_path
     cfg = compose_benchmark([*TINY, "benchmark.fixed_lengths=[24]", "benchmark.pipeline.max_batches=2"])
     report = run_benchmark(cfg, tmp_path)
     assert json.loads((tmp_path / "benchmark.json").read_text())["settings"] == json.loads(
-        json.dumps(report["settings"]))
+        json.dumps(report["settings"])
+    )
     assert (tmp_path / "benchmark.md").read_text().count("| smop_4x5 |") == 2
     assert [s["kind"] for s in report["settings"]] == ["real", "fixed"]
     for setting in report["settings"]:
         variants = setting["variants"]
         assert set(variants) == VARIANTS
         assert all(v["step_time_s_median"] > 0 for v in variants.values())
-        assert all(v["peak_memory_bytes"] > 0 and v["step_cpu_s_median"] > 0
-                   for k, v in variants.items() if k != "lightning_pt_100")
+        assert all(
+            v["peak_memory_bytes"] > 0 and v["step_cpu_s_median"] > 0
+            for k, v in variants.items()
+            if k != "lightning_pt_100"
+        )
         assert variants["pt_100"]["trainable_params"] == variants["peft_pt_100"]["trainable_params"] == 100 * 128
         assert variants["smop_4x5"]["trainable_params"] == 20 * 128 + 128 * 4
         ratios = setting["ratios"]
@@ -83,8 +120,16 @@ def test_benchmark_runs_end_to_end_on_tiny_t5_and_reports_every_variant(tmp_path
 
 @pytest.mark.slow
 def test_module_entry_point_writes_into_its_hydra_output_dir(tmp_path):
-    command = [sys.executable, "-m", "smop.benchmark", *TINY, "benchmark.run_variants=[smop_4x5,pt_100]",
-               "benchmark.fixed_lengths=[]", "benchmark.pipeline.enabled=false", f"hydra.run.dir={tmp_path}"]
+    command = [
+        sys.executable,
+        "-m",
+        "smop.benchmark",
+        *TINY,
+        "benchmark.run_variants=[smop_4x5,pt_100]",
+        "benchmark.fixed_lengths=[]",
+        "benchmark.pipeline.enabled=false",
+        f"hydra.run.dir={tmp_path}",
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert str(tmp_path / "benchmark.md") in done.stdout.replace("\n", "")
@@ -97,15 +142,23 @@ def test_analytic_flops_equal_fvcore_for_every_prompt_module():
     torch.manual_seed(0)  # a gated FFN here; the end-to-end run checks the ReLU one
     backbone = build_t5({**SMALL, "feed_forward_proj": "gated-gelu"})
     embedding = backbone.get_input_embeddings()
-    prompts = [None, PromptTuning(embedding, prompt_length=7), PTuning(embedding, prompt_length=6, hidden_size=16),
-               SparseMixtureOfPrompts(embedding, lambda **kw: LinearRouter(**kw), num_prompts=3, prompt_length=4),
-               DecomposedPromptTuning(embedding, prompt_length=5, rank=3, max_positions=16, init="random")]
-    batch = {"input_ids": torch.randint(3, 250, (3, 11)), "attention_mask": torch.ones(3, 11, dtype=torch.long),
-             "labels": torch.randint(3, 250, (3, 4))}
+    prompts = [
+        None,
+        PromptTuning(embedding, prompt_length=7),
+        PTuning(embedding, prompt_length=6, hidden_size=16),
+        SparseMixtureOfPrompts(embedding, lambda **kw: LinearRouter(**kw), num_prompts=3, prompt_length=4),
+        DecomposedPromptTuning(embedding, prompt_length=5, rank=3, max_positions=16, init="random"),
+    ]
+    batch = {
+        "input_ids": torch.randint(3, 250, (3, 11)),
+        "attention_mask": torch.ones(3, 11, dtype=torch.long),
+        "labels": torch.randint(3, 250, (3, 4)),
+    }
     batch["attention_mask"][0, 6:] = 0  # padding changes nothing: the padded width is computed
     for prompt in prompts:
-        system = PromptTuningSystem(backbone, ByT5Tokenizer(), Task("rte", "{premise}", ["a", "b"]), prompt,
-                                    optimizer=torch.optim.SGD)
+        system = PromptTuningSystem(
+            backbone, ByT5Tokenizer(), Task("rte", "{premise}", ["a", "b"]), prompt, optimizer=torch.optim.SGD
+        )
         with eager_attention(system):
             measured = inference_flops(system, batch)
         length = 11 + (prompt.prompt_length if prompt is not None else 0)

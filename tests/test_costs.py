@@ -20,8 +20,14 @@ def flops(make_cfg, *overrides) -> tuple[float, float]:
 def test_cost_fields_in_a_tiny_run(make_cfg):
     results = run(make_cfg("trainer.max_epochs=1", "trainer.limit_train_batches=3", *SYNTHETIC))
     cost = results["cost"]
-    for name in ("train_time_s", "step_time_s_median", "train_examples_per_s", "peak_memory_bytes",
-                 "inference_flops_per_example", "train_flops_per_example"):
+    for name in (
+        "train_time_s",
+        "step_time_s_median",
+        "train_examples_per_s",
+        "peak_memory_bytes",
+        "inference_flops_per_example",
+        "train_flops_per_example",
+    ):
         assert cost[name] > 0, name
     assert cost["memory_kind"] == "cpu_peak_rss"
     assert cost["step_time_s_median"] * 3 <= cost["train_time_s"] * 1.5

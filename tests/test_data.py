@@ -48,6 +48,7 @@ LABEL_WORDS = {
 
 # --- building datamodules the way smop/run.py does ------------------------------------------------------
 
+
 def dataset_options(task: str, **overrides: Any) -> dict[str, Any]:
     """configs/dataset/<task>.yaml minus `epochs`, as smop/run.py passes it on."""
     cfg = OmegaConf.load(CONFIGS / "dataset" / f"{task}.yaml")
@@ -76,18 +77,36 @@ def record(task: str, i: int, label: Any, long: str = "") -> dict[str, Any]:
     if task == "cb":
         return {"premise": f"Premise {i}.{long}", "hypothesis": f"Hypothesis {i}.", "label": label, "idx": i}
     if task == "copa":
-        return {"premise": f"Premise {i}.{long}", "choice1": f"First {i}.", "choice2": f"Second {i}.",
-                "question": "effect" if i % 2 else "cause", "label": label, "idx": i}
+        return {
+            "premise": f"Premise {i}.{long}",
+            "choice1": f"First {i}.",
+            "choice2": f"Second {i}.",
+            "question": "effect" if i % 2 else "cause",
+            "label": label,
+            "idx": i,
+        }
     if task == "wic":
-        return {"word": f"w{i}", "sentence1": f"First w{i} sentence.{long}", "sentence2": f"Second w{i} sentence.",
-                "idx": i, "label": label, "start1": 6, "end1": 8, "start2": 7, "end2": 9, "version": 1.1}
+        return {
+            "word": f"w{i}",
+            "sentence1": f"First w{i} sentence.{long}",
+            "sentence2": f"Second w{i} sentence.",
+            "idx": i,
+            "label": label,
+            "start1": 6,
+            "end1": 8,
+            "start2": 7,
+            "end2": 9,
+            "version": 1.1,
+        }
     if task == "boolq":
         return {"question": f"is question {i} true", "passage": f"Passage {i}.{long}", "idx": i, "label": label}
     if task == "multirc":  # one paragraph, two questions; answer labels alternate, starting with `label`
         questions = []
         for q in range(2):
-            answers = [{"text": f"Answer {i}.{q}.{a}", "idx": 10 * i + 3 * q + a, "label": label if a % 2 == 0
-                        else 1 - label} for a in range(3 if q == 0 else 2)]
+            answers = [
+                {"text": f"Answer {i}.{q}.{a}", "idx": 10 * i + 3 * q + a, "label": label if a % 2 == 0 else 1 - label}
+                for a in range(3 if q == 0 else 2)
+            ]
             questions.append({"question": f"Question {i}.{q}?", "answers": answers, "idx": 2 * i + q})
         return {"idx": i, "version": 1.1, "passage": {"text": f"Paragraph {i}.{long}", "questions": questions}}
     raise ValueError(task)
@@ -98,9 +117,17 @@ def hub_rows(task: str, i: int, label: int, long: str = "") -> list[dict[str, An
     if task != "multirc":
         return [record(task, i, label, long)]
     official = record(task, i, label, long)
-    return [{"paragraph": official["passage"]["text"], "question": q["question"], "answer": a["text"],
-             "idx": {"paragraph": official["idx"], "question": q["idx"], "answer": a["idx"]}, "label": a["label"]}
-            for q in official["passage"]["questions"] for a in q["answers"]]
+    return [
+        {
+            "paragraph": official["passage"]["text"],
+            "question": q["question"],
+            "answer": a["text"],
+            "idx": {"paragraph": official["idx"], "question": q["idx"], "answer": a["idx"]},
+            "label": a["label"],
+        }
+        for q in official["passage"]["questions"]
+        for a in q["answers"]
+    ]
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
@@ -123,44 +150,108 @@ def decoded(ids: list[int]) -> str:
 # --- formats, label words, label encodings ---------------------------------------------------------------
 
 KNOWN: dict[str, tuple[dict[str, Any], list[str], list[str]]] = {
-    "rte": ({"premise": "Dana Reeve died of lung cancer.", "hypothesis": "Dana Reeve is dead.",
-             "label": "entailment", "idx": 7},
-            ["rte sentence1: Dana Reeve died of lung cancer. sentence2: Dana Reeve is dead."], ["entailment"]),
-    "cb": ({"premise": "It was raining all night.", "hypothesis": "The ground is wet.", "label": "neutral",
-            "idx": 3},
-           ["cb hyopthesis: The ground is wet.. premise: It was raining all night."], ["neutral"]),  # released typo
-    "copa": ({"premise": "My body cast a shadow over the grass.", "choice1": "The sun was rising.",
-              "choice2": "The grass was cut.", "question": "cause", "label": 0, "idx": 0},
-             ["choice1: The sun was rising. choice2: The grass was cut. premise: My body cast a shadow over the "
-              "grass. question: cause"], ["choice1"]),
-    "wic": ({"word": "place", "sentence1": "Do you want to come over to my place later?",
-             "sentence2": "A political system with no place for the less prominent groups.", "idx": 0,
-             "label": False, "start1": 31, "end1": 36, "start2": 27, "end2": 32, "version": 1.1},
-            ["wic sentence1: Do you want to come over to my place later? sentence2: A political system with no "
-             "place for the less prominent groups. word: place"], ["False"]),
-    "boolq": ({"question": "is the sky blue on a clear day", "passage": "Sky -- The sky looks blue.", "idx": 0,
-               "label": True},
-              ["boolq passage: Sky -- The sky looks blue. question: is the sky blue on a clear day"], ["True"]),
-    "multirc": ({"idx": 4, "version": 1.1, "passage": {"text": "Sam ate an apple. Then he slept.", "questions": [
-        {"question": "What did Sam eat?", "idx": 9, "answers": [
-            {"text": "An apple", "idx": 20, "label": 1}, {"text": "A pear", "idx": 21, "label": 0}]},
-        {"question": "What did he do next?", "idx": 10, "answers": [
-            {"text": "He slept", "idx": 22, "label": 1}]}]}},
-                ["question: What did Sam eat? answer: An apple. paragraph: Sam ate an apple. Then he slept.",
-                 "question: What did Sam eat? answer: A pear. paragraph: Sam ate an apple. Then he slept.",
-                 "question: What did he do next? answer: He slept. paragraph: Sam ate an apple. Then he slept."],
-                ["True", "False", "True"]),
+    "rte": (
+        {
+            "premise": "Dana Reeve died of lung cancer.",
+            "hypothesis": "Dana Reeve is dead.",
+            "label": "entailment",
+            "idx": 7,
+        },
+        ["rte sentence1: Dana Reeve died of lung cancer. sentence2: Dana Reeve is dead."],
+        ["entailment"],
+    ),
+    "cb": (
+        {"premise": "It was raining all night.", "hypothesis": "The ground is wet.", "label": "neutral", "idx": 3},
+        ["cb hyopthesis: The ground is wet.. premise: It was raining all night."],
+        ["neutral"],
+    ),  # released typo
+    "copa": (
+        {
+            "premise": "My body cast a shadow over the grass.",
+            "choice1": "The sun was rising.",
+            "choice2": "The grass was cut.",
+            "question": "cause",
+            "label": 0,
+            "idx": 0,
+        },
+        [
+            "choice1: The sun was rising. choice2: The grass was cut. premise: My body cast a shadow over the "
+            "grass. question: cause"
+        ],
+        ["choice1"],
+    ),
+    "wic": (
+        {
+            "word": "place",
+            "sentence1": "Do you want to come over to my place later?",
+            "sentence2": "A political system with no place for the less prominent groups.",
+            "idx": 0,
+            "label": False,
+            "start1": 31,
+            "end1": 36,
+            "start2": 27,
+            "end2": 32,
+            "version": 1.1,
+        },
+        [
+            "wic sentence1: Do you want to come over to my place later? sentence2: A political system with no "
+            "place for the less prominent groups. word: place"
+        ],
+        ["False"],
+    ),
+    "boolq": (
+        {
+            "question": "is the sky blue on a clear day",
+            "passage": "Sky -- The sky looks blue.",
+            "idx": 0,
+            "label": True,
+        },
+        ["boolq passage: Sky -- The sky looks blue. question: is the sky blue on a clear day"],
+        ["True"],
+    ),
+    "multirc": (
+        {
+            "idx": 4,
+            "version": 1.1,
+            "passage": {
+                "text": "Sam ate an apple. Then he slept.",
+                "questions": [
+                    {
+                        "question": "What did Sam eat?",
+                        "idx": 9,
+                        "answers": [
+                            {"text": "An apple", "idx": 20, "label": 1},
+                            {"text": "A pear", "idx": 21, "label": 0},
+                        ],
+                    },
+                    {
+                        "question": "What did he do next?",
+                        "idx": 10,
+                        "answers": [{"text": "He slept", "idx": 22, "label": 1}],
+                    },
+                ],
+            },
+        },
+        [
+            "question: What did Sam eat? answer: An apple. paragraph: Sam ate an apple. Then he slept.",
+            "question: What did Sam eat? answer: A pear. paragraph: Sam ate an apple. Then he slept.",
+            "question: What did he do next? answer: He slept. paragraph: Sam ate an apple. Then he slept.",
+        ],
+        ["True", "False", "True"],
+    ),
 }
 
 
 @pytest.fixture
 def task_dir(tmp_path: Path):
     """An official-format folder for one task: a balanced train.jsonl and the given val.jsonl."""
+
     def make(task: str, test_records: list[dict[str, Any]], per_label: int = 10) -> Path:
         folder = tmp_path / task
         write_jsonl(folder / "train.jsonl", official_train(task, [per_label] * len(JSONL_LABELS[task])))
         write_jsonl(folder / "val.jsonl", test_records)
         return folder
+
     return make
 
 
@@ -221,13 +312,13 @@ def test_hub_integer_labels_and_flat_multirc(task: str, monkeypatch: pytest.Monk
     assert [decoded(r["labels"]) for r in rows] == [LABEL_WORDS[task][row["label"]] for row in test]
     if task == "multirc":
         assert [decoded(r["input_ids"]) for r in rows] == [
-            f"question: {row['question']} answer: {row['answer']}. paragraph: {row['paragraph']}" for row in test]
+            f"question: {row['question']} answer: {row['answer']}. paragraph: {row['paragraph']}" for row in test
+        ]
         by_question = Counter(r["group"] for r in rows)
         assert len(by_question) == 2 * n  # two questions per paragraph, answers 3 + 2
         assert sorted(by_question.values()) == [2, 2, 3, 3]
     else:
-        assert [decoded(r["input_ids"]) for r in rows] == [
-            dm.task.template.format(**row) for row in test]
+        assert [decoded(r["input_ids"]) for r in rows] == [dm.task.template.format(**row) for row in test]
 
 
 def test_label_index_rejects_unknown_values() -> None:
@@ -243,6 +334,7 @@ def test_label_index_rejects_unknown_values() -> None:
 
 
 # --- MultiRC flattening ---------------------------------------------------------------------------------
+
 
 def test_multirc_one_example_per_answer_grouped_by_question(task_dir) -> None:
     records = [record("multirc", i, i % 2) for i in range(3)]
@@ -266,6 +358,7 @@ def test_multirc_one_example_per_answer_grouped_by_question(task_dir) -> None:
 
 
 # --- the seeded, stratified 90/10 split -------------------------------------------------------------------
+
 
 def test_split_train_val_stratified_seeded_disjoint() -> None:
     labels = ["a"] * 50 + ["b"] * 30 + ["c"] * 7 + ["d"]
@@ -321,15 +414,15 @@ def test_multirc_split_by_paragraph(layout: str, tmp_path: Path, monkeypatch: py
         options = {"source": "dir", "data_dir": str(folder)}
     else:
         rows = [row for i in range(paragraphs) for row in hub_rows("multirc", i, i % 2)]
-        monkeypatch.setattr(sources, "_load_hub", lambda name, config, split: rows if split == "train"
-                            else hub_rows("multirc", 999, 0))
+        monkeypatch.setattr(
+            sources, "_load_hub", lambda name, config, split: rows if split == "train" else hub_rows("multirc", 999, 0)
+        )
         options = {"source": "hub"}
 
     def paragraph_sets(seed: int) -> tuple[set[str], set[str]]:
         dm = make_dm("multirc", split_seed=seed, **options)
         dm.setup()
-        return tuple({decoded(r["input_ids"]).split(" paragraph: ")[1] for r in dm.splits[s]}
-                     for s in ("train", "val"))
+        return tuple({decoded(r["input_ids"]).split(" paragraph: ")[1] for r in dm.splits[s]} for s in ("train", "val"))
 
     train, val = paragraph_sets(0)
     assert not train & val
@@ -349,8 +442,10 @@ def closing_part(task: str, rec: dict[str, Any]) -> tuple[str, str]:
     return {
         "rte": ("rte sentence1: Premise", f" sentence2: {rec.get('hypothesis')}"),
         "cb": (f"cb hyopthesis: {rec.get('hypothesis')}. premise: Premise", ""),
-        "copa": (f"choice1: {rec.get('choice1')} choice2: {rec.get('choice2')} premise: Premise",
-                 f" question: {rec.get('question')}"),
+        "copa": (
+            f"choice1: {rec.get('choice1')} choice2: {rec.get('choice2')} premise: Premise",
+            f" question: {rec.get('question')}",
+        ),
         "wic": ("wic sentence1: First", f" sentence2: {rec.get('sentence2')} word: {rec.get('word')}"),
         "boolq": ("boolq passage: Passage", f" question: {rec.get('question')}"),
         "multirc": ("question: Question 0.0? answer: Answer 0.0.0. paragraph: Paragraph", ""),
@@ -362,8 +457,13 @@ def test_truncation_keeps_closing_fields_and_eos(task: str, task_dir) -> None:
     max_length, prompt_length = 96, 10
     budget = max_length - prompt_length
     long_record, short_record = record(task, 0, JSONL_LABELS[task][0], LONG), record(task, 1, JSONL_LABELS[task][1])
-    dm = make_dm(task, source="dir", data_dir=str(task_dir(task, [long_record, short_record])),
-                 max_length=max_length, prompt_length=prompt_length)
+    dm = make_dm(
+        task,
+        source="dir",
+        data_dir=str(task_dir(task, [long_record, short_record])),
+        max_length=max_length,
+        prompt_length=prompt_length,
+    )
     dm.setup()
     for split in ("train", "val", "test"):
         for row in dm.splits[split]:
@@ -403,6 +503,7 @@ def test_prompt_longer_than_max_length_is_an_error() -> None:
 
 # --- dynamic padding ----------------------------------------------------------------------------------------
 
+
 def test_batches_pad_to_their_longest_row(task_dir) -> None:
     records = [{**record("cb", i, JSONL_LABELS["cb"][i % 3]), "premise": "p" * (5 + 7 * i)} for i in range(6)]
     dm = make_dm("cb", source="dir", data_dir=str(task_dir("cb", records)), eval_batch_size=3)
@@ -411,7 +512,7 @@ def test_batches_pad_to_their_longest_row(task_dir) -> None:
     batches = list(dm.test_dataloader())
     assert len(batches) == 2
     for b, batch in enumerate(batches):
-        chunk = rows[3 * b: 3 * b + 3]
+        chunk = rows[3 * b : 3 * b + 3]
         lengths = [len(r["input_ids"]) for r in chunk]
         assert batch["input_ids"].shape == (3, max(lengths)) and max(lengths) < dm.budget
         assert batch["attention_mask"].sum(1).tolist() == lengths
@@ -422,7 +523,7 @@ def test_batches_pad_to_their_longest_row(task_dir) -> None:
             assert batch["attention_mask"][i, :n].all() and not batch["attention_mask"][i, n:].any()
             target = row["labels"]
             assert batch["labels"][i, : len(target)].tolist() == target
-            assert (batch["labels"][i, len(target):] == -100).all()
+            assert (batch["labels"][i, len(target) :] == -100).all()
         assert batch["labels"].shape[1] == max(len(r["labels"]) for r in chunk)
         assert batch["label_index"].tolist() == [r["label_index"] for r in chunk]
     assert (batches[0]["labels"] == -100).any()  # "neutral" is shorter than "contradiction"
@@ -430,6 +531,7 @@ def test_batches_pad_to_their_longest_row(task_dir) -> None:
 
 
 # --- the bundled samples -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("task", SUPERGLUE)
 def test_bundled_samples(task: str) -> None:
@@ -458,6 +560,7 @@ def test_run_builds_the_datamodule_from_the_composed_config(make_cfg) -> None:
 
 # --- error messages -------------------------------------------------------------------------------------------
 
+
 def test_missing_folder_and_file_are_named(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_folder"
     with pytest.raises(FileNotFoundError, match="no_such_folder"):
@@ -472,22 +575,49 @@ def test_missing_folder_and_file_are_named(tmp_path: Path) -> None:
         direct("rte", source="somewhere")
 
 
-@pytest.mark.parametrize(("task", "line", "bad", "message"), [
-    ("rte", 3, "{not json", ""),
-    ("rte", 2, json.dumps({"premise": "p", "label": "entailment"}), "hypothesis"),
-    ("rte", 4, json.dumps({"premise": "p", "hypothesis": "h", "label": "maybe"}), "maybe"),
-    ("boolq", 2, json.dumps({"passage": "p", "question": "q", "label": "yes"}), "yes"),
-    ("copa", 3, json.dumps({**record("copa", 0, 0), "label": 2}), ""),
-    ("cb", 2, json.dumps(["a", "list"]), ""),
-    ("multirc", 2, json.dumps({**record("multirc", 0, 0), "passage": {"text": "t", "questions": [
-        {"question": "q", "idx": 0, "answers": [{"text": "a", "idx": 0, "label": 7}]}]}}), "7"),
-    ("multirc", 3, json.dumps({"idx": 0, "passage": {"text": "t", "questions": [
-        {"question": "q", "idx": 0, "answers": [{"idx": 0, "label": 1}]}]}}), "text"),
-])
+@pytest.mark.parametrize(
+    ("task", "line", "bad", "message"),
+    [
+        ("rte", 3, "{not json", ""),
+        ("rte", 2, json.dumps({"premise": "p", "label": "entailment"}), "hypothesis"),
+        ("rte", 4, json.dumps({"premise": "p", "hypothesis": "h", "label": "maybe"}), "maybe"),
+        ("boolq", 2, json.dumps({"passage": "p", "question": "q", "label": "yes"}), "yes"),
+        ("copa", 3, json.dumps({**record("copa", 0, 0), "label": 2}), ""),
+        ("cb", 2, json.dumps(["a", "list"]), ""),
+        (
+            "multirc",
+            2,
+            json.dumps(
+                {
+                    **record("multirc", 0, 0),
+                    "passage": {
+                        "text": "t",
+                        "questions": [{"question": "q", "idx": 0, "answers": [{"text": "a", "idx": 0, "label": 7}]}],
+                    },
+                }
+            ),
+            "7",
+        ),
+        (
+            "multirc",
+            3,
+            json.dumps(
+                {
+                    "idx": 0,
+                    "passage": {
+                        "text": "t",
+                        "questions": [{"question": "q", "idx": 0, "answers": [{"idx": 0, "label": 1}]}],
+                    },
+                }
+            ),
+            "text",
+        ),
+    ],
+)
 def test_malformed_line_names_file_and_line(task: str, line: int, bad: str, message: str, tmp_path: Path) -> None:
     folder = tmp_path / task
     good = [json.dumps(r) for r in official_train(task, [3] * len(JSONL_LABELS[task]))]
-    lines = good[: line - 1] + [bad] + good[line - 1:]
+    lines = good[: line - 1] + [bad] + good[line - 1 :]
     folder.mkdir()
     (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     write_jsonl(folder / "val.jsonl", good and [json.loads(g) for g in good])

@@ -13,8 +13,14 @@ def values(metrics: TaskMetrics) -> dict[str, float]:
     return {name: float(value) for name, value in metrics.compute().items()}
 
 
-def run(names: list[str], num_classes: int, preds: list[int], target: list[int], groups: list[int] | None = None,
-        chunks: list[int] | None = None) -> dict[str, float]:
+def run(
+    names: list[str],
+    num_classes: int,
+    preds: list[int],
+    target: list[int],
+    groups: list[int] | None = None,
+    chunks: list[int] | None = None,
+) -> dict[str, float]:
     """TaskMetrics fed in batches of the given sizes (one batch by default)."""
     metrics = TaskMetrics(names, num_classes)
     groups = groups if groups is not None else list(range(len(preds)))
@@ -28,26 +34,38 @@ def run(names: list[str], num_classes: int, preds: list[int], target: list[int],
     return values(metrics)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("Entailment", "entailment"),
-    ("The Entailment.", "entailment"),
-    ("not_entailment!", "notentailment"),  # the released normalize_answer removes "_" too
-    ("  A   True  ", "true"),
-    ("an apple, the pie", "apple pie"),
-    ("answer theory", "answer theory"),  # articles only as whole words
-    ("Not-Entailment", "notentailment"),
-    ('"choice2"', "choice2"),
-    ("False.</s>", "falses"),  # punctuation goes, letters stay
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Entailment", "entailment"),
+        ("The Entailment.", "entailment"),
+        ("not_entailment!", "notentailment"),  # the released normalize_answer removes "_" too
+        ("  A   True  ", "true"),
+        ("an apple, the pie", "apple pie"),
+        ("answer theory", "answer theory"),  # articles only as whole words
+        ("Not-Entailment", "notentailment"),
+        ('"choice2"', "choice2"),
+        ("False.</s>", "falses"),  # punctuation goes, letters stay
+        ("", ""),
+    ],
+)
 def test_normalize(text: str, expected: str) -> None:
     assert normalize(text) == expected
 
 
 def test_to_label_index() -> None:
     words = ["entailment", "not_entailment"]
-    outputs = ["entailment", "Not_Entailment.", "the entailment", "maybe", "", "not entailment", "entailment x",
-               "notentailment", "not-entailment"]
+    outputs = [
+        "entailment",
+        "Not_Entailment.",
+        "the entailment",
+        "maybe",
+        "",
+        "not entailment",
+        "entailment x",
+        "notentailment",
+        "not-entailment",
+    ]
     assert to_label_index(outputs, words).tolist() == [0, 1, 0, -1, -1, -1, -1, 1, 1]
     with pytest.raises(ValueError, match="not distinct"):
         to_label_index(["a_b"], ["ab", "a_b"])
@@ -131,8 +149,9 @@ def test_em_groups_need_not_be_contiguous_or_small() -> None:
         assert run(["em"], 2, preds, target, groups, chunks)["em"] == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize(("names", "num_classes"), [(["accuracy"], 2), (["accuracy", "f1_macro"], 3),
-                                                    (["f1a", "em"], 2)])
+@pytest.mark.parametrize(
+    ("names", "num_classes"), [(["accuracy"], 2), (["accuracy", "f1_macro"], 3), (["f1a", "em"], 2)]
+)
 def test_results_do_not_depend_on_batching(names: list[str], num_classes: int) -> None:
     generator = torch.Generator().manual_seed(1)
     n = 120

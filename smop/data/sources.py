@@ -43,8 +43,9 @@ def sample_dir(task_name: str) -> Path:
     return Path(str(resources.files("smop.data") / "samples" / task_name))
 
 
-def load_split_records(task: Task, source: str, data_dir: str | None, hub_name: str, hub_config: str | None,
-                       split: str) -> list[dict[str, Any]]:
+def load_split_records(
+    task: Task, source: str, data_dir: str | None, hub_name: str, hub_config: str | None, split: str
+) -> list[dict[str, Any]]:
     """Raw records of the official `train` split or of the official validation set (our `test`)."""
     if source == "sample":
         return read_jsonl(sample_dir(task.name) / SPLIT_FILES[split], task)

@@ -19,11 +19,17 @@ def character_ranges(num_ranges: int) -> list[str]:
     if not 1 <= num_ranges <= len(ALPHABET) // 2:
         raise ValueError(f"synthetic num_ranges={num_ranges} must be between 1 and {len(ALPHABET) // 2}")
     size = len(ALPHABET) // num_ranges
-    return [ALPHABET[i * size:(i + 1) * size] for i in range(num_ranges)]
+    return [ALPHABET[i * size : (i + 1) * size] for i in range(num_ranges)]
 
 
-def synthetic_mixture(num_examples: int, num_ranges: int = 2, num_labels: int = 2, min_length: int = 8,
-                      max_length: int = 20, seed: int = 0) -> list[dict[str, Any]]:
+def synthetic_mixture(
+    num_examples: int,
+    num_ranges: int = 2,
+    num_labels: int = 2,
+    min_length: int = 8,
+    max_length: int = 20,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Seeded records {"text", "label", "range"}; range r gets label r % num_labels."""
     rng = random.Random(seed)
     ranges = character_ranges(num_ranges)

@@ -79,5 +79,10 @@ def flatten(task: Task, records: Iterable[dict[str, Any]]) -> Iterator[dict[str,
             for question in passage["questions"]:
                 group = record["idx"] * 100_000 + question["idx"]
                 for answer in question["answers"]:
-                    yield {"paragraph": passage["text"], "question": question["question"],
-                           "answer": answer["text"], "label": task.label_index(answer["label"]), "group": group}
+                    yield {
+                        "paragraph": passage["text"],
+                        "question": question["question"],
+                        "answer": answer["text"],
+                        "label": task.label_index(answer["label"]),
+                        "group": group,
+                    }
