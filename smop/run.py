@@ -46,7 +46,7 @@ from smop.wandb_logging import finish_wandb, wandb_callbacks
 log = logging.getLogger(__name__)
 # Errors whose message is the whole story (what failed, what to do): train.py prints them as one line.
 BRIEF_ERRORS = (HubUnreachableError, ConnectionError, Refused, BackboneKindError)
-# The frozen backbone is in eval mode on purpose (no dropout in weights that do not train).
+# With method.train_dropout=false (FPT) the frozen backbone is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 
