@@ -72,8 +72,8 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
         check_checkpoint(cfg.ckpt_path)
 
 
-# Methods that run on seq2seq backbones only, for now: IDPG/LoPA read the backbone's own encoder, FPT drops T5 layers
-SEQ2SEQ_ONLY = ("idpg", "lopa", "fpt")
+# Methods that run on seq2seq backbones only, for now: FPT drops and narrows T5 blocks
+SEQ2SEQ_ONLY = ("fpt",)
 
 
 def check_method_on_kind(cfg: DictConfig, kind: str) -> None:

@@ -1,7 +1,8 @@
 """Decoder-only (causal) backbones: every method of this step runs and learns on the tiny Llama and GPT-2; the
 frozen weights stay frozen; an example's loss and generation do not depend on its batch; the KV-cache decode equals
-a token-by-token one; the prompt reads the source only; a local folder loads its own weights or is refused; the
-methods that need a seq2seq backbone are refused before anything is built."""
+a token-by-token one; the prompt reads the source only (IDPG/LoPA pool the backbone's last real source token); a
+local folder loads its own weights or is refused; FPT, which needs a seq2seq backbone, is refused before anything is
+built."""
 
 from __future__ import annotations
 
@@ -23,7 +24,18 @@ from smop.costs import eager_attention, inference_flops
 from smop.run import run
 
 MODELS = ["llama-tiny", "gpt2-tiny"]
-METHODS = ["prompt_tuning", "p_tuning", "smop", "dept", "lora_prompt_tuning", "lora_p_tuning", "lora_smop", "full"]
+METHODS = [
+    "prompt_tuning",
+    "p_tuning",
+    "smop",
+    "dept",
+    "idpg",
+    "lopa",
+    "lora_prompt_tuning",
+    "lora_p_tuning",
+    "lora_smop",
+    "full",
+]
 ROUTERS = ["top1_perturbed", "top1", "top2", "gumbel", "stochastic", "single"]
 FAST = ["trainer.fast_dev_run=true", *SYNTHETIC]
 
@@ -145,7 +157,7 @@ def test_cached_generation_equals_a_token_by_token_decode(make_cfg, model):
 
 
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "smop", "dept"])
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "smop", "dept", "idpg", "lopa"])
 def test_the_prompt_reads_the_source_only_and_is_the_same_in_training_and_generation(make_cfg, model, method):
     system, batch = build(make_cfg(f"model={model}", *method_overrides(method), *SYNTHETIC))
     system.eval()  # no router noise, no dropout: the two passes must then see the same prompt
@@ -214,7 +226,26 @@ def test_a_folder_whose_weights_do_not_fit_its_config_is_refused(llama_folder, t
         build_backbone(str(tmp_path))
 
 
-@pytest.mark.parametrize("method", ["idpg", "lopa", "fpt"])
+@pytest.mark.parametrize("model", MODELS)
+def test_idpg_and_lopa_pool_the_causal_backbones_last_real_source_token(make_cfg, model):
+    """With method.encoder=backbone on a decoder-only LM, x is the decoder stack's output at each row's last real
+    token of the source (METHODS.md's pooling for decoder-only encoders), whatever padding its batch needs."""
+    system, datamodule = build_with_data(make_cfg(f"model={model}", "method=lopa", *SYNTHETIC))
+    system.eval()
+    rows = datamodule.splits["train"][:6]
+    batch = datamodule.collate(rows)
+    embeds = system.backbone.get_input_embeddings()(batch["input_ids"])
+    pooled = system.prompt.encoder(embeds, batch["attention_mask"], None)
+    for i, row in enumerate(rows):
+        ids = torch.tensor([row["input_ids"]])
+        with torch.no_grad():
+            hidden = system.backbone.base_model(
+                inputs_embeds=system.backbone.get_input_embeddings()(ids)
+            ).last_hidden_state
+        torch.testing.assert_close(pooled[i], hidden[0, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fpt"])
 def test_seq2seq_only_methods_are_refused_on_a_causal_backbone_before_anything_is_built(make_cfg, method, tmp_path):
     with pytest.raises(Refused, match=rf"method={method} does not run on a causal backbone .*\(T5 family\)"):
         run(make_cfg("model=llama-tiny", f"method={method}", *FAST))

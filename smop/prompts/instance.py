@@ -112,17 +112,21 @@ def encoder_tokenizer(name: str | None, max_length: int = ENCODER_MAX_LENGTH) ->
 
 
 class BackboneEncoder:
-    """The backbone's encoder over the input embeddings, pooled, without gradients. Not an nn.Module on purpose."""
+    """The frozen backbone itself over the input embeddings, pooled, without gradients: a seq2seq backbone's encoder
+    (mean-pooled by default), a causal one's decoder stack (its last real token by default, METHODS.md's rule for
+    decoder-only encoders). It reads the source only, as the prompt modules do. Not an nn.Module on purpose."""
 
     def __init__(self, backbone: nn.Module, pooling: str) -> None:
         if pooling == "pooler":
             raise ValueError(
                 "method.encoder_pooling=pooler needs an encoder with a pooler output, but method.encoder=backbone "
-                "(the T5 encoder) has none: use auto (= mean), mean, cls or last, or a separate method.encoder"
+                "has none: use auto, mean, cls or last, or a separate method.encoder"
             )
-        self.encoder = backbone.get_encoder()
-        self.width: int = backbone.config.d_model
-        self.pooling = "mean" if pooling == "auto" else pooling  # the T5 default
+        causal = not backbone.config.is_encoder_decoder
+        # the bare stack: T5's encoder, or the decoder body of a causal LM (LlamaModel, GPT2Model) without its head
+        self.encoder = backbone.base_model if causal else backbone.get_encoder()
+        self.width: int = backbone.get_input_embeddings().embedding_dim
+        self.pooling = ("last" if causal else "mean") if pooling == "auto" else pooling
 
     @torch.no_grad()
     def __call__(self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None) -> Tensor:
