@@ -46,13 +46,13 @@ from transformers import PreTrainedTokenizerBase, T5Config, T5ForConditionalGene
 
 from smop.adapters import has_lora, remove_lora
 from smop.backbones import build_tokenizer, freeze
+from smop.builders import build_datamodule, build_prompt
 from smop.checks import CONFIG_DIR, method_routes
 from smop.costs import eager_attention, inference_flops, sync
 from smop.data.tasks import Task
 from smop.module import PromptTuningSystem
 from smop.prompts import DecomposedPromptTuning, PromptTuning, PTuning, SparseMixtureOfPrompts
 from smop.results import versions
-from smop.run import build_datamodule, build_prompt
 
 Batch = dict[str, Tensor]
 MIB = 2**20

@@ -23,11 +23,11 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from smop.backbones import HubUnreachableError, build_tokenizer
+from smop.builders import build_datamodule, build_system
 from smop.data import SuperGLUEDataModule, Task
 from smop.data.datamodule import encode
 from smop.module import PromptTuningSystem
 from smop.prompts.base import EncoderBatch
-from smop.run import build_datamodule, build_system
 
 FORMAT, FORMAT_VERSION = "smop-export", 1
 MANIFEST, CONFIG, PROMPT_WEIGHTS = "export.json", "config.yaml", "prompt.safetensors"

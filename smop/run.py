@@ -10,26 +10,16 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from smop.backbones import (
-    CAUSAL,
-    BackboneKindError,
-    HubUnreachableError,
-    build_backbone,
-    build_tokenizer,
-    model_kind,
-)
-from smop.checks import Refused, check_config, check_devices, check_method_on_kind, method_routes
-from smop.data import SuperGLUEDataModule
+from smop.backbones import BackboneKindError, HubUnreachableError, build_tokenizer, model_kind
+from smop.builders import build_datamodule, build_system, count_parameters, instantiate_group
+from smop.checks import Refused, check_config, check_devices, check_method_on_kind
 from smop.distributed import isolated_job, launch_ranks_per_job
 from smop.interrupts import EXIT_CODES, InterruptCheckpoint, RunStopped, StopSignals, position
-from smop.module import PromptTuningSystem
-from smop.prompts.base import PromptModule
-from smop.prompts.instance import encoder_tokenizer
 from smop.results import print_summary, versions, write_results
 from smop.resume import (
     check_run_folder,
@@ -53,71 +43,6 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 def choice(group: str) -> str | None:
     """The config name chosen for a group (e.g. router=top2 -> "top2"), when Hydra is running."""
     return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
-
-
-def build_datamodule(cfg: DictConfig, tokenizer: Any, setup: bool = True) -> SuperGLUEDataModule:
-    """Read, split and tokenize the data now, so a malformed file fails before the model is built.
-
-    `setup=False` reads nothing: the task and the training's truncation, for labelling new inputs (smop.predict)."""
-    options = {k: v for k, v in cfg.dataset.items() if k != "epochs"}  # `epochs` is read by the trainer config
-    datamodule = instantiate(
-        OmegaConf.create(options),
-        tokenizer=tokenizer,
-        prompt_length=cfg.method.get("prompt_length", 0),
-        seed=cfg.seed,
-        encoder_tokenizer=encoder_tokenizer(cfg.method.get("encoder")),  # IDPG/LoPA with a separate encoder
-        # source and target as a causal LM reads them (no `model` group: the benchmark's T5)
-        causal=cfg.get("model") is not None and model_kind(cfg.model) == CAUSAL,
-        _convert_="all",
-    )
-    if setup:
-        datamodule.setup()
-    return datamodule
-
-
-def build_prompt(cfg: DictConfig, backbone: torch.nn.Module, tokenizer: Any) -> PromptModule | None:
-    if cfg.method.get("module") is None:
-        return None
-    extra = {"router": instantiate(cfg.router)} if method_routes(cfg) else {}
-    if getattr(get_class(cfg.method.module._target_), "needs_backbone", False):
-        extra["backbone"] = backbone
-    return instantiate(cfg.method.module, embedding=backbone.get_input_embeddings(), tokenizer=tokenizer, **extra)
-
-
-def build_system(cfg: DictConfig, datamodule: SuperGLUEDataModule, tokenizer: Any) -> PromptTuningSystem:
-    tiny = OmegaConf.to_container(cfg.model.tiny) if cfg.model.get("tiny") else None
-    backbone = build_backbone(cfg.model.name_or_path, tiny)
-    lora = OmegaConf.to_container(cfg.method.lora, resolve=True) if cfg.method.get("lora") else None
-    if lora is not None and lora.get("target_modules") is None:  # the architecture's modules (Llama: q_proj, v_proj)
-        targets = cfg.model.get("lora_target_modules")
-        lora["target_modules"] = list(targets) if targets is not None else None
-    return PromptTuningSystem(
-        backbone=backbone,
-        tokenizer=tokenizer,
-        task=datamodule.task,
-        prompt=build_prompt(cfg, backbone, tokenizer),
-        optimizer=instantiate(cfg.optimizer),
-        warmup_ratio=cfg.warmup_ratio,
-        warmup_steps=cfg.get("warmup_steps"),
-        lr_schedule=cfg.method.get("lr_schedule", "linear"),
-        max_new_tokens=datamodule.max_target_length,
-        train_backbone=cfg.method.train_backbone,
-        train_dropout=cfg.method.get("train_dropout", True),
-        lora=lora,
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
-
-
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Callbacks or loggers: every entry of the group that has a `_target_`."""
-    return [instantiate(entry) for entry in (group or {}).values() if entry is not None and "_target_" in entry]
-
-
-def count_parameters(module: torch.nn.Module) -> dict[str, int]:
-    return {
-        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
-        "total": sum(p.numel() for p in module.parameters()),
-    }
 
 
 def strip_prefix(metrics: dict[str, Any], split: str) -> dict[str, float]:
@@ -185,10 +110,12 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             check_devices(cfg.trainer)
             # the kind from the checkpoint's own config, before any data is read: a folder of neither kind stops here,
             # and so does a method that does not run on this kind yet
-            check_method_on_kind(cfg, model_kind(cfg.model))
+            kind = model_kind(cfg.model)
+            check_method_on_kind(cfg, kind)
             start = starting_point(cfg, overrides)  # may take the checkpoint's own config (train=false)
             if start.adopted:  # the checkpoint's model or method may differ from the command line's
-                check_method_on_kind(cfg, model_kind(cfg.model))
+                kind = model_kind(cfg.model)
+                check_method_on_kind(cfg, kind)
             owned = True
             router = choice("router")
             if "router" in start.adopted and cfg.get("router") is not None:  # named after the checkpoint's own
@@ -201,7 +128,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             launch_ranks_per_job()
             L.seed_everything(cfg.seed, workers=True)
             tokenizer = build_tokenizer(cfg.model.name_or_path)
-            datamodule = build_datamodule(cfg, tokenizer)
+            datamodule = build_datamodule(cfg, tokenizer, kind=kind)
             system = build_system(cfg, datamodule, tokenizer)
             callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
             callbacks += wandb_callbacks(loggers)  # routing histograms, when a WandbLogger is configured

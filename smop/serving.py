@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from smop.backbones import build_backbone, build_tokenizer, freeze
+from smop.builders import build_datamodule, build_prompt
 from smop.checks import check_seq2seq_tool
 from smop.data import Task
 from smop.data.datamodule import encode
@@ -40,7 +41,6 @@ from smop.loading import (
 )
 from smop.metrics import to_label_index
 from smop.prompts.base import EncoderBatch
-from smop.run import build_datamodule, build_prompt
 
 
 @dataclass

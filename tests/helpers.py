@@ -12,9 +12,9 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from smop.backbones import build_tokenizer
+from smop.builders import build_datamodule, build_system
 from smop.data import SuperGLUEDataModule
 from smop.module import PromptTuningSystem
-from smop.run import build_datamodule, build_system
 
 # 201 rows: 180 train (the floor of 90% of each label), an even count that two DDP ranks share without padding
 SYNTHETIC = ["dataset=synthetic_mixture", "dataset.synthetic.num_train=201", "dataset.synthetic.num_test=40"]

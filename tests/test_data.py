@@ -15,11 +15,11 @@ from omegaconf import OmegaConf
 from transformers import ByT5Tokenizer
 
 import smop.data.sources as sources
+from smop.builders import build_datamodule
 from smop.data import TASKS, SuperGLUEDataModule
 from smop.data.datamodule import split_train_val
 from smop.data.sources import read_jsonl, sample_dir
 from smop.data.tasks import Task
-from smop.run import build_datamodule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SUPERGLUE = ("rte", "cb", "copa", "wic", "boolq", "multirc")

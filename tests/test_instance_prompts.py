@@ -28,6 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.t5.modeling_t5 import T5Stack
 
 from smop.backbones import HubUnreachableError, build_tokenizer
+from smop.builders import build_datamodule, count_parameters
 from smop.costs import eager_attention, inference_flops, train_step_flops
 from smop.data.synthetic import synthetic_mixture
 from smop.export import export
@@ -35,7 +36,7 @@ from smop.loading import load, pad_inputs
 from smop.prompts.base import EncoderBatch
 from smop.prompts.instance import PretrainedEncoder, encoder_tokenizer, pool
 from smop.prompts.mixture import masked_mean
-from smop.run import build_datamodule, count_parameters, run
+from smop.run import run
 from smop.serving import PromptServer
 
 METHODS = ["idpg", "lopa"]

@@ -9,8 +9,8 @@ from helpers import SYNTHETIC, build, fit_fixed_batch
 from hydra.utils import instantiate
 
 from smop.backbones import build_tokenizer
+from smop.builders import build_datamodule, build_system
 from smop.data.synthetic import character_ranges
-from smop.run import build_datamodule, build_system
 
 STEPS = 100
 LEARNING_RATES = {"method=full": 1e-3, "method=p_tuning": 3e-3, "method=lora_p_tuning": 3e-3}  # prompts: 0.1

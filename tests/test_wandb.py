@@ -14,8 +14,9 @@ import pytest
 from helpers import SYNTHETIC
 from hydra.errors import InstantiationException
 
+from smop.builders import instantiate_group
 from smop.module import PromptTuningSystem
-from smop.run import instantiate_group, run
+from smop.run import run
 from smop.wandb_logging import WandbReport, check_mode, finish_wandb, wandb_callbacks, wandb_logger
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -166,7 +166,7 @@ class PretrainedEncoder(nn.Module):
             raise ValueError(
                 f"method.encoder={self.name} reads the input through its own tokenizer, but the batch has no "
                 "encoder_input_ids: build the DataModule with encoder_tokenizer=smop.prompts.instance."
-                "encoder_tokenizer(method.encoder) (smop.run.build_datamodule does)"
+                "encoder_tokenizer(method.encoder) (smop.builders.build_datamodule does)"
             )
         mask = encoder_batch.attention_mask
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):

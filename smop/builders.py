@@ -1,0 +1,87 @@
+"""Building a run's parts from its config: the DataModule, the prompt module, the system, callbacks and loggers.
+
+The job runner (smop.run), export, serving, prediction, the benchmark and the tests build through here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from smop.backbones import CAUSAL, build_backbone, model_kind
+from smop.checks import method_routes
+from smop.data import SuperGLUEDataModule
+from smop.module import PromptTuningSystem
+from smop.prompts.base import PromptModule
+from smop.prompts.instance import encoder_tokenizer
+
+
+def build_datamodule(
+    cfg: DictConfig, tokenizer: Any, setup: bool = True, kind: str | None = None
+) -> SuperGLUEDataModule:
+    """Read, split and tokenize the data now, so a malformed file fails before the model is built.
+
+    `setup=False` reads nothing: the task and the training's truncation, for labelling new inputs (smop.predict).
+    `kind`: the backbone's kind when the caller has read it already (else it is read from the model's config)."""
+    if kind is None and cfg.get("model") is not None:  # no `model` group: the benchmark's T5
+        kind = model_kind(cfg.model)
+    options = {k: v for k, v in cfg.dataset.items() if k != "epochs"}  # `epochs` is read by the trainer config
+    datamodule = instantiate(
+        OmegaConf.create(options),
+        tokenizer=tokenizer,
+        prompt_length=cfg.method.get("prompt_length", 0),
+        seed=cfg.seed,
+        encoder_tokenizer=encoder_tokenizer(cfg.method.get("encoder")),  # IDPG/LoPA with a separate encoder
+        causal=kind == CAUSAL,  # source and target as a causal LM reads them
+        _convert_="all",
+    )
+    if setup:
+        datamodule.setup()
+    return datamodule
+
+
+def build_prompt(cfg: DictConfig, backbone: torch.nn.Module, tokenizer: Any) -> PromptModule | None:
+    if cfg.method.get("module") is None:
+        return None
+    extra = {"router": instantiate(cfg.router)} if method_routes(cfg) else {}
+    if getattr(get_class(cfg.method.module._target_), "needs_backbone", False):
+        extra["backbone"] = backbone
+    return instantiate(cfg.method.module, embedding=backbone.get_input_embeddings(), tokenizer=tokenizer, **extra)
+
+
+def build_system(cfg: DictConfig, datamodule: SuperGLUEDataModule, tokenizer: Any) -> PromptTuningSystem:
+    tiny = OmegaConf.to_container(cfg.model.tiny) if cfg.model.get("tiny") else None
+    backbone = build_backbone(cfg.model.name_or_path, tiny)
+    lora = OmegaConf.to_container(cfg.method.lora, resolve=True) if cfg.method.get("lora") else None
+    if lora is not None and lora.get("target_modules") is None:  # the architecture's modules (Llama: q_proj, v_proj)
+        targets = cfg.model.get("lora_target_modules")
+        lora["target_modules"] = list(targets) if targets is not None else None
+    return PromptTuningSystem(
+        backbone=backbone,
+        tokenizer=tokenizer,
+        task=datamodule.task,
+        prompt=build_prompt(cfg, backbone, tokenizer),
+        optimizer=instantiate(cfg.optimizer),
+        warmup_ratio=cfg.warmup_ratio,
+        warmup_steps=cfg.get("warmup_steps"),
+        lr_schedule=cfg.method.get("lr_schedule", "linear"),
+        max_new_tokens=datamodule.max_target_length,
+        train_backbone=cfg.method.train_backbone,
+        train_dropout=cfg.method.get("train_dropout", True),
+        lora=lora,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Callbacks or loggers: every entry of the group that has a `_target_`."""
+    return [instantiate(entry) for entry in (group or {}).values() if entry is not None and "_target_" in entry]
+
+
+def count_parameters(module: torch.nn.Module) -> dict[str, int]:
+    return {
+        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in module.parameters()),
+    }
