@@ -44,14 +44,14 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 
-from smop.adapters import has_lora, remove_lora
 from smop.backbones import build_tokenizer, freeze
 from smop.builders import build_datamodule, build_prompt
 from smop.checks import CONFIG_DIR, method_routes
 from smop.costs import eager_attention, inference_flops, sync
 from smop.data.tasks import Task
+from smop.methods import DecomposedPromptTuning, PromptTuning, PTuning, SparseMixtureOfPrompts
+from smop.methods.lora import has_lora, remove_lora
 from smop.module import PromptTuningSystem
-from smop.prompts import DecomposedPromptTuning, PromptTuning, PTuning, SparseMixtureOfPrompts
 from smop.results import versions
 
 Batch = dict[str, Tensor]

@@ -13,9 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from smop.backbones import CAUSAL, build_backbone, model_kind
 from smop.checks import method_routes
 from smop.data import SuperGLUEDataModule
+from smop.methods.base import PromptModule
+from smop.methods.instance import encoder_tokenizer
 from smop.module import PromptTuningSystem
-from smop.prompts.base import PromptModule
-from smop.prompts.instance import encoder_tokenizer
 
 
 def build_datamodule(

@@ -169,4 +169,7 @@ def check_checkpoint(path: str | Path) -> dict[str, Any]:
         raise Refused(
             f"ckpt_path={path} is not a checkpoint of this framework: it lacks {', '.join(missing)}; {CHECKPOINT_HINT}"
         )
+    from smop.methods import current_targets
+
+    checkpoint["hyper_parameters"] = current_targets(checkpoint["hyper_parameters"])
     return checkpoint

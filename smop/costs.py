@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from smop.prompts.base import EncoderBatch
+from smop.methods.base import EncoderBatch
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -50,7 +50,7 @@ from smop.loading import (
     read_checkpoint,
     with_model,
 )
-from smop.prompts import PromptModule, PromptTuning, PTuning
+from smop.methods import PromptModule, PromptTuning, PTuning
 from smop.results import versions
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def write_peft_lora(folder: Path, loaded: LoadedModel) -> None:
 
     backbone = loaded.system.backbone
     config = dataclasses.replace(
-        backbone.peft_config["default"],  # the exact config smop.adapters.add_lora injected
+        backbone.peft_config["default"],  # the exact config smop.methods.lora.add_lora injected
         task_type=TaskType.SEQ_2_SEQ_LM,
         base_model_name_or_path=peft_base_name(loaded.config),
         inference_mode=True,

@@ -26,8 +26,9 @@ from smop.backbones import HubUnreachableError, build_tokenizer
 from smop.builders import build_datamodule, build_system
 from smop.data import SuperGLUEDataModule, Task
 from smop.data.datamodule import encode
+from smop.methods import current_targets
+from smop.methods.base import EncoderBatch
 from smop.module import PromptTuningSystem
-from smop.prompts.base import EncoderBatch
 
 FORMAT, FORMAT_VERSION = "smop-export", 1
 MANIFEST, CONFIG, PROMPT_WEIGHTS = "export.json", "config.yaml", "prompt.safetensors"
@@ -164,6 +165,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} holds no resolved train.py config in hyper_parameters (missing {missing}); "
             "only checkpoints written by train.py can be rebuilt"
         )
+    checkpoint["hyper_parameters"] = current_targets(config)
     return checkpoint
 
 
@@ -217,7 +219,7 @@ def read_export(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     path = Path(folder) / CONFIG
     if not path.is_file():
         raise ExportError(f"{folder} lacks {CONFIG}, the training config the model is rebuilt from")
-    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    config = current_targets(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
     missing = [key for key in CONFIG_KEYS if not isinstance(config, dict) or key not in config]
     if missing:
         raise ExportError(f"{path} is not a train.py config (missing {missing})")

@@ -15,11 +15,11 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from smop.adapters import add_lora
 from smop.backbones import freeze, kind_of
 from smop.data.tasks import Task
+from smop.methods.base import EncoderBatch, PromptModule, PromptOutput
+from smop.methods.lora import add_lora
 from smop.metrics import RoutingCounts, TaskMetrics, to_label_index
-from smop.prompts.base import EncoderBatch, PromptModule, PromptOutput
 
 SPLITS = ("train", "val", "test")
 FSDP_PREFIX = "_fsdp_wrapped_module."

@@ -39,8 +39,8 @@ from smop.loading import (
     seeded,
     with_model,
 )
+from smop.methods.base import EncoderBatch
 from smop.metrics import to_label_index
-from smop.prompts.base import EncoderBatch
 
 
 @dataclass

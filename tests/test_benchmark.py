@@ -17,7 +17,6 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 from transformers import ByT5Tokenizer
 
-from smop.adapters import add_lora, has_lora, remove_lora
 from smop.benchmark import (
     LiveTensorBytes,
     analytic_inference_flops,
@@ -28,9 +27,10 @@ from smop.benchmark import (
 )
 from smop.costs import eager_attention, inference_flops
 from smop.data.tasks import Task
+from smop.methods import DecomposedPromptTuning, PromptTuning, PTuning, SparseMixtureOfPrompts
+from smop.methods.lora import add_lora, has_lora, remove_lora
+from smop.methods.routers import LinearRouter
 from smop.module import PromptTuningSystem
-from smop.prompts import DecomposedPromptTuning, PromptTuning, PTuning, SparseMixtureOfPrompts
-from smop.routers import LinearRouter
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {

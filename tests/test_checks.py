@@ -14,7 +14,7 @@ from conftest import ROOT, compose_config
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from smop.checks import check_config, options
+from smop.checks import check_checkpoint, check_config, options
 from smop.validation import RANGES, range_problems
 
 GROUPS = ["model", "dataset", "method", "router", "optimizer", "trainer", "logger", "callbacks", "experiment"]
@@ -178,3 +178,23 @@ def test_options_a_method_does_not_read_are_not_checked(make_cfg):
     assert range_problems(make_cfg("method=p_tuning", "method.hidden_size=null")) == [
         "method.hidden_size=null is not valid: must be an integer >= 1"
     ]
+
+
+def test_a_checkpoint_of_an_earlier_layout_names_the_classes_where_they_are_now(tmp_path):
+    """Checkpoints written before the methods moved to smop.methods still build: their targets are renamed on read."""
+    import torch
+    from hydra.utils import get_class
+
+    path = tmp_path / "old.ckpt"
+    saved = {
+        "method": {"module": {"_target_": "smop.prompts.SparseMixtureOfPrompts"}},
+        "router": {"_target_": "smop.routers.LinearRouter"},
+        "callbacks": {"fpt": {"_target_": "smop.fpt.ProgressiveTraining"}, "other": {"_target_": "x.Y"}},
+    }
+    torch.save({"state_dict": {}, "hyper_parameters": saved}, path)
+    config = check_checkpoint(path)["hyper_parameters"]
+    targets = [config["method"]["module"]["_target_"], config["router"]["_target_"]]
+    assert targets == ["smop.methods.SparseMixtureOfPrompts", "smop.methods.routers.LinearRouter"]
+    assert config["callbacks"]["fpt"]["_target_"] == "smop.methods.fpt.ProgressiveTraining"
+    assert config["callbacks"]["other"]["_target_"] == "x.Y"
+    assert all(get_class(target) for target in targets)

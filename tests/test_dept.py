@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 from torch import nn
 
 from smop.backbones import build_tokenizer
-from smop.prompts import DecomposedPromptTuning, PromptTuning, budget_split
-from smop.prompts.dept import input_positions
+from smop.methods import DecomposedPromptTuning, PromptTuning, budget_split
+from smop.methods.dept import input_positions
 from smop.run import run
 
 DEPT = ["method=dept", "method.prompt_length=5", *SYNTHETIC]

@@ -16,7 +16,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from smop.backbones import build_tokenizer
 from smop.builders import build_datamodule, build_system
-from smop.fpt import FULL, PartialT5, ProgressiveTraining, Shape, kept_layers, sample_means
+from smop.methods.fpt import FULL, PartialT5, ProgressiveTraining, Shape, kept_layers, sample_means
 from smop.run import run
 
 DEEP = ["model.tiny.num_layers=4", "model.tiny.num_decoder_layers=4"]  # d_ff 256: layers and neurons to drop

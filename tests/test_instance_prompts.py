@@ -33,9 +33,9 @@ from smop.costs import eager_attention, inference_flops, train_step_flops
 from smop.data.synthetic import synthetic_mixture
 from smop.export import export
 from smop.loading import load, pad_inputs
-from smop.prompts.base import EncoderBatch
-from smop.prompts.instance import PretrainedEncoder, encoder_tokenizer, pool
-from smop.prompts.mixture import masked_mean
+from smop.methods.base import EncoderBatch
+from smop.methods.instance import PretrainedEncoder, encoder_tokenizer, pool
+from smop.methods.smop import masked_mean
 from smop.run import run
 from smop.serving import PromptServer
 

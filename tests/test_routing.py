@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smop.prompts.mixture import SparseMixtureOfPrompts, masked_mean
-from smop.routers import GumbelRouter, LinearRouter, SingleRouter, StochasticRouter
+from smop.methods.routers import GumbelRouter, LinearRouter, SingleRouter, StochasticRouter
+from smop.methods.smop import SparseMixtureOfPrompts, masked_mean
 
 D, K, L = 8, 4, 3
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from smop.costs import eager_attention, inference_flops, train_step_flops
-from smop.prompts.base import EncoderBatch
+from smop.methods.base import EncoderBatch
 
 log = logging.getLogger(__name__)
 

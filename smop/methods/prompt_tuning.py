@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from smop.prompts.base import PromptModule, PromptOutput, init_prompt
+from smop.methods.base import PromptModule, PromptOutput, init_prompt
 
 
 class PromptTuning(PromptModule):

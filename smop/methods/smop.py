@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from smop.prompts.base import PromptModule, PromptOutput, init_prompt
-from smop.routers import Router
+from smop.methods.base import PromptModule, PromptOutput, init_prompt
+from smop.methods.routers import Router
 
 
 def masked_mean(embeds: Tensor, attention_mask: Tensor) -> Tensor:

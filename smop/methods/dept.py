@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from smop.prompts.base import PromptModule, PromptOutput, init_prompt
+from smop.methods.base import PromptModule, PromptOutput, init_prompt
 
 log = logging.getLogger(__name__)
 

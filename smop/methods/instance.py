@@ -29,8 +29,8 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from smop.backbones import HubUnreachableError
-from smop.prompts.base import EncoderBatch, PromptModule, PromptOutput, init_prompt
-from smop.prompts.mixture import masked_mean
+from smop.methods.base import EncoderBatch, PromptModule, PromptOutput, init_prompt
+from smop.methods.smop import masked_mean
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class PretrainedEncoder(nn.Module):
         if encoder_batch is None:
             raise ValueError(
                 f"method.encoder={self.name} reads the input through its own tokenizer, but the batch has no "
-                "encoder_input_ids: build the DataModule with encoder_tokenizer=smop.prompts.instance."
+                "encoder_input_ids: build the DataModule with encoder_tokenizer=smop.methods.instance."
                 "encoder_tokenizer(method.encoder) (smop.builders.build_datamodule does)"
             )
         mask = encoder_batch.attention_mask
