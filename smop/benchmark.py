@@ -275,7 +275,7 @@ class Runner:
 
 
 def load_method(name: str) -> DictConfig:
-    """configs/method/<name>.yaml merged over the methods it extends (lora_smop: smop); other defaults
+    """smop/configs/method/<name>.yaml merged over the methods it extends (lora_smop: smop); other defaults
     (the router, the optimizer, callbacks) are the variant's and the benchmark's to choose."""
     method = OmegaConf.load(CONFIG_DIR / "method" / f"{name}.yaml")
     bases = [

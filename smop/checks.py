@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from smop.data.sources import SOURCES, SPLIT_FILES
 from smop.validation import check_ranges
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def options(group: str) -> list[str]:

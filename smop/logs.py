@@ -3,7 +3,7 @@
 Why: Lightning puts its own console handler on the `lightning` logger when it is imported, and its records also
 propagate to the root logger, where Hydra's job logging prints them again. Lightning is imported inside the job,
 after Hydra configured logging, so the config cannot remove that handler; this filter, on Hydra's console handler
-only (configs/hydra/default.yaml), skips what a library's console handler already printed. The log file keeps every
+only (smop/configs/hydra/default.yaml), skips what a library's console handler already printed. The log file keeps every
 record.
 """
 

@@ -1,6 +1,6 @@
 """The Hydra plugins that launchers and sweepers need: a clear message when one is not installed.
 
-`configs/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml` exist in the project, so without the
+`smop/configs/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml` exist in the project, so without the
 plugin Hydra composes them and fails later on an import deep in its launch; `hydra/sweeper=optuna` and
 `hparams_search=...` fail with "Could not find 'hydra/sweeper/optuna'". Both are checked here first, from
 the command line, and the message names the override, the package and the extra to install.
@@ -17,9 +17,9 @@ from pathlib import Path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 EXTRA = 'pip install -e ".[cluster]"'
-# configs/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml take the plugins' names on purpose, so
+# smop/configs/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml take the plugins' names on purpose, so
 # that `hydra/launcher=joblib` gets the project's values. Hydra 1.3 then merges each with the plugin's
 # dataclass of the same name, which type-checks the values (hydra.launcher.n_jobs=abc is an error), and warns
 # that this matching is deprecated: the files give every field, so they do not depend on it. (Processes that

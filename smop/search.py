@@ -1,4 +1,4 @@
-"""What the Optuna sweeper needs to keep a search in sqlite and resume it (configs/hparams_search/)."""
+"""What the Optuna sweeper needs to keep a search in sqlite and resume it (smop/configs/hparams_search/)."""
 
 from __future__ import annotations
 

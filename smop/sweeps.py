@@ -33,9 +33,8 @@ from omegaconf import OmegaConf
 
 from smop.plugins import MissingPluginError, guess_packages, require_plugins
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = ROOT / "configs"
-TRAIN = ROOT / "train.py"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TRAIN = ("-m", "smop.train")  # the installed package's train.py: a sweep runs from any folder
 RESULTS_FILE = "results.json"  # smop.results.RESULTS_FILE, not imported: `--list` should not import torch
 MANIFEST = "sweep.json"
 JOB_GROUP = "sweep_job"
@@ -353,7 +352,7 @@ class LaunchReport:
 def multirun_command(jobs: Sequence[Job], sweep_dir: Path, extra: Sequence[str]) -> list[str]:
     return [
         sys.executable,
-        str(TRAIN),
+        *TRAIN,
         "--multirun",
         f"hydra.searchpath=[{quote('file://' + str(sweep_dir / JOBS_DIR))}]",
         f"+{JOB_GROUP}={','.join(job.name for job in jobs)}",

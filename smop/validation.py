@@ -145,7 +145,7 @@ WIDTH = "null: the encoder's width"
 RANK = "null: from method.budget_tokens"
 POSITIONS = "null: dataset.max_length - method.prompt_length"
 
-# (key, spec): every numeric option of configs/ with a meaningful range. A key may appear twice with
+# (key, spec): every numeric option of smop/configs/ with a meaningful range. A key may appear twice with
 # complementary `when`s (a prompt method's prompt_length against full fine-tuning's).
 RANGES: tuple[tuple[str, Spec], ...] = (
     # train.yaml
@@ -179,7 +179,7 @@ RANGES: tuple[tuple[str, Spec], ...] = (
     ("model.tiny.pad_token_id", spec(integer(0, "model.tiny.vocab_size", high_open=True))),
     ("model.tiny.eos_token_id", spec(integer(0, "model.tiny.vocab_size", high_open=True))),
     ("model.tiny.bos_token_id", spec(integer(0, "model.tiny.vocab_size", high_open=True))),
-    # the tiny decoder-only models (configs/model/llama-tiny.yaml, gpt2-tiny.yaml)
+    # the tiny decoder-only models (smop/configs/model/llama-tiny.yaml, gpt2-tiny.yaml)
     ("model.tiny.hidden_size", spec(integer(1))),
     ("model.tiny.intermediate_size", spec(integer(1))),
     ("model.tiny.num_hidden_layers", spec(integer(1))),

@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "smop" / "configs"
 
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:

@@ -76,7 +76,7 @@ SMALL = dict(
 
 def compose_benchmark(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "smop" / "configs"), version_base="1.3"):
         return compose("benchmark", overrides=overrides)
 
 

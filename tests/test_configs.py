@@ -146,7 +146,7 @@ def test_deepspeed_without_its_package_names_the_install(make_cfg):
 
 def test_run_folder_layout_is_the_one_the_hydra_config_describes(make_cfg):
     cfg = make_cfg("method=prompt_tuning", "dataset=cb")
-    comment = (ROOT / "configs" / "hydra" / "default.yaml").read_text()
+    comment = (ROOT / "smop" / "configs" / "hydra" / "default.yaml").read_text()
     assert "outputs/runs/<method>_<dataset>/<date>_<time>/" in comment
     assert re.fullmatch(r"outputs/runs/prompt_tuning_cb/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", cfg.hydra.run.dir)
     assert "outputs/multiruns/<date>_<time>/<job number>_<method>_<dataset>/" in comment
@@ -156,7 +156,7 @@ def test_run_folder_layout_is_the_one_the_hydra_config_describes(make_cfg):
 
 def test_tensorboard_docs_name_the_viewer():
     viewer = "pip install tensorboard && tensorboard --logdir outputs"
-    assert viewer in (ROOT / "configs" / "logger" / "tensorboard.yaml").read_text()
+    assert viewer in (ROOT / "smop" / "configs" / "logger" / "tensorboard.yaml").read_text()
     assert viewer in (ROOT / "README.md").read_text()
 
 

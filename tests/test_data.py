@@ -21,7 +21,7 @@ from smop.data.datamodule import split_train_val
 from smop.data.sources import read_jsonl, sample_dir
 from smop.data.tasks import Task
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "smop" / "configs"
 SUPERGLUE = ("rte", "cb", "copa", "wic", "boolq", "multirc")
 TOKENIZER = ByT5Tokenizer()  # byte-level: no files, one token per byte
 EOS = TOKENIZER.eos_token_id
@@ -50,7 +50,7 @@ LABEL_WORDS = {
 
 
 def dataset_options(task: str, **overrides: Any) -> dict[str, Any]:
-    """configs/dataset/<task>.yaml minus `epochs`, as smop/run.py passes it on."""
+    """smop/configs/dataset/<task>.yaml minus `epochs`, as smop/run.py passes it on."""
     cfg = OmegaConf.load(CONFIGS / "dataset" / f"{task}.yaml")
     cfg.split_seed = 0  # ${seed} and ${dataset.name} need the full tree; set them here
     cfg.hub_config = task

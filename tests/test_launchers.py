@@ -52,7 +52,7 @@ def without_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("name", sorted(LAUNCHERS))
 def test_launcher_config_gives_every_field_of_the_plugins_dataclass(name):
     """The file shadows the plugin's config of the same name, so it must hold all of it (and nothing else)."""
-    ours = OmegaConf.load(ROOT / "configs" / "hydra" / "launcher" / f"{name}.yaml")
+    ours = OmegaConf.load(ROOT / "smop" / "configs" / "hydra" / "launcher" / f"{name}.yaml")
     fields = {f.name for f in dataclasses.fields(LAUNCHERS[name])}
     assert set(ours) == fields
     assert ours._target_ == LAUNCHERS[name]._target_

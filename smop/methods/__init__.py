@@ -1,4 +1,4 @@
-"""The methods, mirroring configs/method and configs/router: a method's config names its class with `_target_`.
+"""The methods, mirroring smop/configs/method and smop/configs/router: a method's config names its class (`_target_`).
 
 prompt_tuning, p_tuning, smop (its routers: routers.py), dept, idpg and lopa (instance.py: input-dependent prompts),
 lora (LoRA + X: adapters inside the frozen backbone), fpt (progressive training: the `fpt` callback). `full`
