@@ -53,7 +53,7 @@ def build_prompt(cfg: DictConfig, backbone: torch.nn.Module, tokenizer: Any) -> 
 
 def build_system(cfg: DictConfig, datamodule: SuperGLUEDataModule, tokenizer: Any) -> PromptTuningSystem:
     tiny = OmegaConf.to_container(cfg.model.tiny) if cfg.model.get("tiny") else None
-    backbone = build_backbone(cfg.model.name_or_path, tiny)
+    backbone = build_backbone(cfg.model.name_or_path, tiny, cfg.model.get("dtype"))
     lora = OmegaConf.to_container(cfg.method.lora, resolve=True) if cfg.method.get("lora") else None
     if lora is not None and lora.get("target_modules") is None:  # the architecture's modules (Llama: q_proj, v_proj)
         targets = cfg.model.get("lora_target_modules")

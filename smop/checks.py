@@ -13,6 +13,7 @@ from smop.data.sources import SOURCES, SPLIT_FILES
 from smop.validation import check_ranges
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # model.dtype: the frozen weights' precision (null: the checkpoint's)
 
 
 def options(group: str) -> list[str]:
@@ -28,6 +29,9 @@ def method_routes(cfg: DictConfig) -> bool:
 def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
     """Raise ValueError / FileNotFoundError naming the bad value and the allowed ones."""
     check_ranges(cfg)  # every numeric option in its range first: the checks below compare them
+    dtype = cfg.model.get("dtype") if cfg.get("model") is not None else None
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise ValueError(f"model.dtype={dtype} is not one of: null, {', '.join(DTYPE_NAMES)}")
     method = cfg.method.name
     routers = ", ".join(options("router"))
     if method_routes(cfg):

@@ -83,3 +83,64 @@ def test_train_py_refuses_an_encoder_only_folder_in_one_line_before_reading_data
     assert line.startswith(f"train.py: model.name_or_path={folders['bert']} holds a bert checkpoint")
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "failed" and results["params"] is None and "neither" in results["error"]
+
+
+# --- the hub configs, on a local folder of their own architecture ---------------------------------------------------
+HUB = {  # config -> (model_type, a tiny config of it)
+    "gpt2": ("gpt2", {"n_embd": 32, "n_layer": 1, "n_head": 2}),
+    "qwen2.5-0.5b": ("qwen2", {**{"hidden_size": 32, "intermediate_size": 64}, "num_key_value_heads": 1}),
+    "llama-3.2-1b": ("llama", {"hidden_size": 32, "intermediate_size": 64, "num_key_value_heads": 1}),
+    "phi-2": ("phi", {"hidden_size": 32, "intermediate_size": 64}),
+    "deepseek-coder-1.3b": ("llama", {"hidden_size": 32, "intermediate_size": 64}),
+    "codegen-350m-mono": ("codegen", {"n_embd": 32, "n_layer": 1, "n_head": 2, "rotary_dim": 8}),
+    "llama-2-7b": ("llama", {"hidden_size": 32, "intermediate_size": 64}),
+}
+LAYERS = {"num_hidden_layers": 1, "num_attention_heads": 2}
+
+
+def tiny_checkpoint(folder: Path, model_type: str, options: dict) -> Path:
+    """A saved causal LM of `model_type` with random weights and the byte-level tokenizer: what a hub download
+    holds, in miniature."""
+    from transformers import AutoConfig, AutoModelForCausalLM, ByT5Tokenizer
+
+    extra = {} if model_type in ("gpt2", "codegen") else LAYERS
+    config = AutoConfig.for_model(model_type, vocab_size=384, eos_token_id=1, pad_token_id=0, **extra, **options)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    ByT5Tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", sorted(HUB))
+def test_each_hub_config_trains_on_a_folder_of_its_architecture(make_cfg, tmp_path, name):
+    """The config's own defaults fit its architecture: the dtype loads, LoRA finds its target modules."""
+    from omegaconf import OmegaConf
+
+    from smop.methods.lora import add_lora
+    from smop.run import run
+
+    model_type, options = HUB[name]
+    folder = tiny_checkpoint(tmp_path / name, model_type, options)
+    own = OmegaConf.load(ROOT / "smop" / "configs" / "model" / f"{name}.yaml")
+    backbone = add_lora(build_backbone(str(folder), dtype=own.dtype), target_modules=list(own.lora_target_modules))
+    assert {p.dtype for p in backbone.parameters() if not p.requires_grad} == {getattr(torch, own.dtype)}
+    if model_type == "qwen2":  # transformers gives a qwen2 folder its Qwen2Tokenizer whatever tokenizer_config says,
+        return  # and that one needs vocab files: the byte-level stand-in cannot train here
+    overrides = [f"model={name}", f"model.name_or_path={folder}", "method=lora_prompt_tuning", "method.prompt_length=4"]
+    results = run(make_cfg(*overrides, "dataset=synthetic_mixture", "trainer.fast_dev_run=true"))
+    assert results["status"] == "completed" and results["params"]["trainable"] > 4 * options.get("hidden_size", 32)
+
+
+def test_model_dtype_keeps_the_frozen_weights_in_it_and_the_prompt_in_float32(make_cfg):
+    from helpers import build
+
+    system, _ = build(make_cfg("model=llama-tiny", "model.dtype=bfloat16", "method=smop", "dataset=synthetic_mixture"))
+    assert {p.dtype for p in system.backbone.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in system.prompt.parameters()} == {torch.float32}
+
+
+def test_an_unknown_model_dtype_is_refused_by_name(make_cfg):
+    from smop.checks import check_config
+
+    with pytest.raises(ValueError, match=r"model.dtype=float8 is not one of: null, float32, bfloat16, float16"):
+        check_config(make_cfg("model=llama-tiny", "model.dtype=float8"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -22,6 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from smop.backbones.causal import CausalKind
 from smop.backbones.seq2seq import Seq2SeqKind
+from smop.checks import DTYPE_NAMES
 
 TINY = "tiny"
 
@@ -115,21 +117,38 @@ def model_kind(model: Any) -> str:
     return backbone_kind(str(model["name_or_path"]), tiny)
 
 
-def build_backbone(name_or_path: str, tiny_config_options: dict[str, Any] | None = None) -> PreTrainedModel:
+# model.dtype: the precision the frozen weights are kept in (null: the checkpoint's own, transformers' "auto";
+# float32 for a model built from a config)
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
+def weight_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype of a `model.dtype` name; None keeps the checkpoint's own."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name} is not one of: null, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def build_backbone(
+    name_or_path: str, tiny_config_options: dict[str, Any] | None = None, dtype: str | None = None
+) -> PreTrainedModel:
     """Random weights from `tiny_config_options` when `name_or_path == "tiny"` (a T5, or the `model_type` it
-    names), else the pretrained weights of a seq2seq (AutoModelForSeq2SeqLM) or causal (AutoModelForCausalLM) LM.
+    names), else the pretrained weights of a seq2seq (AutoModelForSeq2SeqLM) or causal (AutoModelForCausalLM) LM,
+    kept in `dtype` (model.dtype: bfloat16 halves a 7B model's memory; the prompt modules keep float32 weights).
 
     The kind is read from the checkpoint's own config first, and a weight the checkpoint lacks stops the run:
     a real checkpoint never becomes a randomly initialised model."""
+    torch_dtype = weight_dtype(dtype)
     config = load_config(name_or_path, tiny_config_options)
     kind = kind_of_config(config, name_or_path)
     if name_or_path == TINY:
-        if kind == SEQ2SEQ:
-            return T5ForConditionalGeneration(config)
-        return AutoModelForCausalLM.from_config(config)
+        model = T5ForConditionalGeneration(config) if kind == SEQ2SEQ else AutoModelForCausalLM.from_config(config)
+        return model.to(torch_dtype) if torch_dtype is not None else model
     architectures = _architectures(config)
     try:
-        model, info = LOADERS[kind].from_pretrained(name_or_path, output_loading_info=True)
+        model, info = LOADERS[kind].from_pretrained(name_or_path, output_loading_info=True, dtype=torch_dtype)
     except (OSError, ValueError) as err:
         raise BackboneKindError(
             f"model.name_or_path={name_or_path}: its {config.model_type} config ({architectures}) does not load as a "

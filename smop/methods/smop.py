@@ -71,7 +71,8 @@ class SparseMixtureOfPrompts(PromptModule):
         return False
 
     def forward(self, input_embeds: Tensor, attention_mask: Tensor) -> PromptOutput:
-        routing = self.router(masked_mean(input_embeds, attention_mask))
+        # routed in the prompts' precision: the frozen embeddings may be bfloat16 (model.dtype), the router is not
+        routing = self.router(masked_mean(input_embeds.to(self.prompts.dtype), attention_mask))
         chosen = self.per_prompt.to(input_embeds.dtype)[routing.indices]  # [B, k, L, d]: one batched gather
         if self.router.batch_sum:
             # The released code's broadcasting: every instance gets the sum of all routed prompts in the
