@@ -4,8 +4,8 @@ input becomes a sequence.
 Each row is [padding ; P ; E[source] ; E[target]]: the padding comes first, the prompt sits immediately before
 the first real token, the target follows the source (teacher-forced in training), and the position ids count
 real positions only. An example's loss and generation therefore do not depend on what else is in its batch. The
-loss covers the target tokens only. Generation starts from the embeddings [padding ; P ; E[source]], greedy with
-the KV cache, and returns the new tokens only.
+loss covers the target tokens only. Generation starts from the embeddings [padding ; P ; E[source]] with the KV
+cache, greedy or sampled (`decoding.py`), and returns the new tokens only.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
+
+from smop.backbones.decoding import Decoding, check_generation, next_token, reached_stop
 
 IGNORE = -100
 
@@ -84,11 +86,20 @@ class CausalKind:
         mask: Tensor,
         max_new_tokens: int,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        decoding: Decoding | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Greedy decoding with the KV cache from [padding ; P ; E[source]]: the new tokens only,
-        [B, <= max_new_tokens]. A row that has produced EOS continues with padding."""
+        """Decoding with the KV cache from [padding ; P ; E[source]]: the new tokens only, [B * n, <= max_new_tokens]
+        with n = decoding.num_return_sequences (rows i*n .. i*n+n-1 continue example i). Greedy unless
+        decoding.do_sample (then drawn from `generator` when given). A row that has produced EOS, or whose new text
+        contains a stop string, continues with padding."""
+        decoding = decoding or Decoding()
+        check_generation(max_new_tokens, decoding, tokenizer)
         eos = tokenizer.eos_token_id if tokenizer is not None else backbone.config.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else eos
+        if decoding.num_return_sequences > 1:
+            embeds = embeds.repeat_interleave(decoding.num_return_sequences, dim=0)
+            mask = mask.repeat_interleave(decoding.num_return_sequences, dim=0)
         order = left_aligned(mask)
         sequence, sequence_mask = take(embeds, order), take(mask, order)
         positions = position_ids(sequence_mask)
@@ -97,9 +108,11 @@ class CausalKind:
         done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
         tokens = []
         for step in range(max_new_tokens):
-            token = out.logits[:, -1].argmax(-1).masked_fill(done, pad)
+            token = next_token(out.logits[:, -1], decoding, generator).masked_fill(done, pad)
             tokens.append(token)
             done = done | token.eq(eos)
+            if decoding.stop:
+                done = done | reached_stop(torch.stack(tokens, dim=1), done, tokenizer, decoding.stop)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             sequence_mask = torch.cat([sequence_mask, sequence_mask.new_ones(mask.shape[0], 1)], dim=1)
