@@ -95,17 +95,6 @@ def check_method_on_kind(cfg: DictConfig, kind: str) -> None:
         )
 
 
-def check_seq2seq_tool(tool: str, model: Any) -> None:
-    """Refuse a causal backbone in a tool that handles seq2seq ones only (export, serving), before building it."""
-    from smop.backbones import CAUSAL, model_kind
-
-    if model_kind(model) == CAUSAL:
-        raise Refused(
-            f"{tool} does not support a causal backbone (model.name_or_path={model['name_or_path']}) in this version: "
-            "it handles seq2seq ones (T5 family)"
-        )
-
-
 def check_devices(trainer: DictConfig) -> None:
     """What the trainer config asks of this machine: run in the job itself, where it will train (a SLURM login
     node that submits GPU jobs has no GPU), before any model is built."""

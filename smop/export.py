@@ -6,6 +6,7 @@ The folder holds
   export.json          method, model, task and label words, max_new_tokens, prompt length, backbone fingerprint
   peft_prompt/         prompt tuning, P-tuning, FPT (+ LoRA): the prompt as a peft PromptTuningConfig adapter
   peft_lora/           the LoRA + X methods: the LoRA adapters as a peft LoraConfig adapter
+                       (both with task_type SEQ_2_SEQ_LM on a T5, CAUSAL_LM on a decoder-only LM)
   model/               full fine-tuning: the whole fine-tuned model and tokenizer (transformers format)
 Load it with smop.loading.load(folder), label files with python -m smop.predict, serve several tasks on one
 backbone with smop.serving.PromptServer. docs/serving.md has the details.
@@ -29,7 +30,6 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from smop.backbones import TINY
-from smop.checks import check_seq2seq_tool
 from smop.loading import (
     CLI_DEFAULTS,
     CONFIG,
@@ -48,7 +48,6 @@ from smop.loading import (
     from_checkpoint,
     hydra_cli,
     read_checkpoint,
-    with_model,
 )
 from smop.methods import PromptModule, PromptTuning, PTuning
 from smop.results import versions
@@ -71,25 +70,32 @@ def static_prompt(prompt: PromptModule | None) -> Tensor | None:
 
 
 def peft_base_name(config: dict[str, Any]) -> str | None:
-    """The backbone's hub name or folder for peft's adapter_config.json (none for the seeded tiny T5)."""
+    """The backbone's hub name or folder for peft's adapter_config.json (none for the seeded tiny models)."""
     name = config["model"]["name_or_path"]
     return None if name == TINY else name
 
 
+def peft_task_type(loaded: LoadedModel) -> str:
+    """peft's task type for this backbone: it picks the PeftModel class (and so where a prompt goes)."""
+    from peft import TaskType
+
+    return TaskType.CAUSAL_LM if loaded.system.kind.name == "causal" else TaskType.SEQ_2_SEQ_LM
+
+
 def write_peft_prompt(folder: Path, table: Tensor, loaded: LoadedModel) -> None:
     """A folder `peft.PeftModel.from_pretrained(backbone, folder)` loads as prompt tuning with this prompt."""
-    from peft import PromptTuningConfig, TaskType
+    from peft import PromptTuningConfig
 
     backbone = loaded.system.backbone
     config = PromptTuningConfig(
-        task_type=TaskType.SEQ_2_SEQ_LM,
+        task_type=peft_task_type(loaded),
         num_virtual_tokens=table.shape[0],
         token_dim=table.shape[1],
-        # The prompt goes before the encoder input only, as in training; peft's seq2seq default (2) holds a
+        # The prompt goes before the (encoder) input only, as in training; peft's seq2seq default (2) holds a
         # second prompt for the decoder.
         num_transformer_submodules=1,
-        num_layers=backbone.config.num_layers,
-        num_attention_heads=backbone.config.num_heads,
+        num_layers=backbone.config.num_hidden_layers,  # T5Config and GPT2Config map these names to their own
+        num_attention_heads=backbone.config.num_attention_heads,
         base_model_name_or_path=peft_base_name(loaded.config),
     )
     config.save_pretrained(str(folder))
@@ -98,12 +104,12 @@ def write_peft_prompt(folder: Path, table: Tensor, loaded: LoadedModel) -> None:
 
 def write_peft_lora(folder: Path, loaded: LoadedModel) -> None:
     """The LoRA adapters injected in the backbone, as the folder PeftModel.save_pretrained would write."""
-    from peft import TaskType, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
 
     backbone = loaded.system.backbone
     config = dataclasses.replace(
         backbone.peft_config["default"],  # the exact config smop.methods.lora.add_lora injected
-        task_type=TaskType.SEQ_2_SEQ_LM,
+        task_type=peft_task_type(loaded),
         base_model_name_or_path=peft_base_name(loaded.config),
         inference_mode=True,
     )
@@ -176,7 +182,7 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, source: dict[str, Any
 def export_system(system: Any, datamodule: Any, out_dir: str | Path) -> Path:
     """Export an in-memory system (e.g. right after `trainer.fit`) without going through a checkpoint.
 
-    For the tiny T5 the system must have been built after seeding with its config's seed, as train.py does."""
+    For the tiny models the system must have been built after seeding with its config's seed, as train.py does."""
     loaded = LoadedModel(system, datamodule, dict(system.hparams), Path("."))
     return export_model(loaded, out_dir, {"in_memory": True})
 
@@ -187,9 +193,6 @@ def export(
     """Export a train.py checkpoint; by default into a folder next to it, named after it."""
     ckpt_path = Path(ckpt_path)
     checkpoint = read_checkpoint(ckpt_path)
-    config = checkpoint.get("hyper_parameters") or {}
-    if "model" in config:  # a causal backbone is refused before it is built; a foreign file by from_checkpoint
-        check_seq2seq_tool("export", with_model(config, model_name_or_path)["model"])
     loaded = from_checkpoint(checkpoint, ckpt_path, model_name_or_path, device="cpu")
     source = {
         "checkpoint": str(ckpt_path),

@@ -1,7 +1,7 @@
 """Rebuilding a ready-to-use model from a training checkpoint or from an exported folder (smop.export).
 
 Both hold only the trained weights and the resolved config. The frozen backbone is rebuilt from the config
-(a hub name or a folder; the tiny T5's random weights from the run's seed, exactly as `train=false ckpt_path=`
+(a hub name or a folder; the tiny models' random weights from the run's seed, exactly as `train=false ckpt_path=`
 does), then the trained weights are loaded and checked against what the config builds.
 """
 
@@ -100,7 +100,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 def seeded(seed: int) -> Iterator[None]:
     """Torch's CPU generator seeded as `train.py` seeds it before building the backbone; the caller's state is kept.
 
-    The tiny T5 has random weights: the same seed rebuilds the backbone its prompt was trained on."""
+    The tiny models (T5, Llama, GPT-2) have random weights: the same seed rebuilds the backbone its prompt was trained
+    on."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
@@ -277,7 +278,7 @@ def check_backbone(backbone: nn.Module, manifest: dict[str, Any], folder: Path) 
         raise ExportError(
             f"{folder}: the backbone rebuilt from model={manifest.get('model')!r} is not the one this prompt was "
             f"trained with (embedding fingerprint {found} != {expected}). Point model_path at the same weights; "
-            f"the tiny T5's random weights come from the seed ({manifest.get('seed')})."
+            f"a tiny model's random weights come from the seed ({manifest.get('seed')})."
         )
 
 

@@ -2,10 +2,13 @@
 
 Each row of a batch names its task. The input embeddings of the whole batch are computed once; each task's
 prompt module runs once, on its own rows (a loop over tasks, never over rows); prompts of different lengths
-are left-padded with attention-mask zeros into one [B, W, d] block before the inputs; then one encoder pass
-and one greedy `generate` serve every row. T5 attends by relative position only, so shifting a row's real
-tokens right by the padding changes nothing it computes: a row's outputs equal those of its task alone
-(tests/test_serving.py checks encoder states, generated ids and predictions).
+are left-padded with attention-mask zeros into one [B, W, d] block before the inputs; then one greedy
+generation serves every row, so a row's outputs equal those of its task alone (tests/test_serving.py checks it):
+  seq2seq (T5): one encoder pass and one `generate`. T5 attends by relative position only, so shifting a row's
+    real tokens right by the padding changes nothing it computes.
+  causal (decoder-only LMs): the backbone kind's own `generate` (smop.backbones.causal), which moves each row's
+    padding, its prompt's and its input's, to the front: the row's prompt sits immediately before its first real
+    token and the position ids count real positions only, as in training.
 
     server = PromptServer({"rte": "exports/rte", "cb": "exports/cb"})
     server.predict([("rte", {"premise": ..., "hypothesis": ...}), ("cb", {...})])
@@ -23,9 +26,8 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from smop.backbones import build_backbone, build_tokenizer, freeze
+from smop.backbones import build_backbone, build_tokenizer, freeze, kind_of
 from smop.builders import build_datamodule, build_prompt
-from smop.checks import check_seq2seq_tool
 from smop.data import Task
 from smop.data.datamodule import encode
 from smop.loading import (
@@ -48,9 +50,10 @@ class TaskSpec:
     """What serving one task needs besides its prompt module: its format, truncation and label words."""
 
     task: Task
-    budget: int  # max input tokens (dataset.max_length - prompt length), as in training
+    budget: int  # max input tokens (dataset.max_length - prompt length, - target length on causal), as in training
     max_new_tokens: int
     source: Path
+    causal: bool  # a decoder-only backbone: the source is encoded without EOS, as in training
     # a separate encoder's padded ids of a list of records (IDPG/LoPA with method.encoder=<model>), else None
     encoder_features: Callable[[list[dict[str, Any]]], dict[str, Tensor]] | None = None
 
@@ -65,8 +68,10 @@ class MixedBatch:
 
 @dataclass
 class Generation:
-    sequences: list[Tensor]  # per row: generated ids, decoder start included, cut at its task's max_new_tokens
-    encoder_states: Tensor  # [B, W + n, d] the encoder's last hidden states
+    # per row, cut at its task's max_new_tokens: generated ids, the decoder start included (seq2seq), or the new
+    # tokens only (causal)
+    sequences: list[Tensor]
+    encoder_states: Tensor | None  # [B, W + n, d] the encoder's last hidden states (seq2seq); None on causal
     attention_mask: Tensor  # [B, W + n] zeros on each row's prompt padding and input padding
     prompt_width: int  # W, the longest prompt in the batch
 
@@ -84,10 +89,10 @@ class PromptServer(nn.Module):
         named = self._names(exports)
         loaded = {name: read_export(folder) for name, folder in named.items()}
         first = with_model(next(iter(loaded.values()))[1], model_name_or_path)
-        check_seq2seq_tool("serving", first["model"])
         self.tokenizer = build_tokenizer(first["model"]["name_or_path"])
-        with seeded(first["seed"]):  # the tiny T5's random weights come from the seed
+        with seeded(first["seed"]):  # the tiny models' random weights come from the seed
             self.backbone = freeze(build_backbone(first["model"]["name_or_path"], first["model"].get("tiny")))
+        self.kind = kind_of(self.backbone)  # seq2seq or causal: where the prompted input goes, how it generates
         self.prompts = nn.ModuleDict()
         self.specs: dict[str, TaskSpec] = {}
         for name, (manifest, config) in loaded.items():
@@ -101,7 +106,7 @@ class PromptServer(nn.Module):
             datamodule = build_datamodule(cfg, self.tokenizer, setup=False)
             features = datamodule.encoder_features if datamodule.encoder_tokenizer is not None else None
             self.specs[name] = TaskSpec(
-                datamodule.task, datamodule.budget, datamodule.max_target_length, folder, features
+                datamodule.task, datamodule.budget, datamodule.max_target_length, folder, datamodule.causal, features
             )
         self.requires_grad_(False)
         self.to(resolve_device(device)).eval()
@@ -165,9 +170,8 @@ class PromptServer(nn.Module):
         for name, index in self._rows_of(tasks).items():
             spec = self.specs[name]
             examples = [rows[i][1] for i in index.tolist()]
-            for i, row_ids in zip(
-                index.tolist(), encode(spec.task, self.tokenizer, examples, spec.budget), strict=True
-            ):
+            encoded = encode(spec.task, self.tokenizer, examples, spec.budget, spec.causal)
+            for i, row_ids in zip(index.tolist(), encoded, strict=True):
                 ids[i] = row_ids
             if spec.encoder_features is not None:  # its own encoder, its own tokenizer: one padded block per task
                 features = {key: value.to(self.device) for key, value in spec.encoder_features(examples).items()}
@@ -196,10 +200,15 @@ class PromptServer(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: MixedBatch) -> Generation:
-        """One encoder pass and one greedy generate call for the whole batch."""
+        """One greedy generation for the whole batch: seq2seq, one encoder pass and one generate call; causal, the
+        backbone kind's generate, which places each row's prompt right before its first real token."""
         embeds, mask, width = self.encoder_inputs(batch)
-        states = self.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         limits = [self.specs[name].max_new_tokens for name in batch.tasks]
+        if self.kind.name == "causal":
+            new = self.kind.generate(self.backbone, embeds, mask, max(limits), self.tokenizer)
+            # A row's task may allow fewer new tokens than the batch's longest: cut it where its task alone would stop.
+            return Generation([seq[:limit] for seq, limit in zip(new, limits, strict=True)], None, mask, width)
+        states = self.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         sequences = self.backbone.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=states),
             attention_mask=mask,

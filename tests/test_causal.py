@@ -19,7 +19,7 @@ from helpers import SYNTHETIC, build, build_with_data, fit_fixed_batch
 from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
 
 from smop.backbones import BackboneKindError, build_backbone
-from smop.checks import Refused, check_seq2seq_tool
+from smop.checks import Refused
 from smop.costs import eager_attention, inference_flops
 from smop.run import run
 
@@ -269,24 +269,6 @@ def test_inference_flops_of_the_tiny_llama_are_the_analytic_count_with_attention
     with eager_attention(system):
         counted = inference_flops(system, one)
     assert counted == positions * (4 * d * d + 3 * d * ff + d * vocab) + 2 * positions * positions * d
-
-
-def test_export_refuses_a_causal_checkpoint_before_building_it(tmp_path):
-    from conftest import compose_config
-    from omegaconf import OmegaConf
-
-    from smop.export import export
-
-    cfg = compose_config(["model=gpt2-tiny"], tmp_path / "run")
-    path = tmp_path / "c.ckpt"
-    config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
-    torch.save({"state_dict": {}, "hyper_parameters": config}, path)
-    model = config["model"]
-    with pytest.raises(Refused, match=r"export does not support a causal backbone .*seq2seq ones \(T5 family\)"):
-        export(path)
-    with pytest.raises(Refused, match=r"serving does not support a causal backbone"):
-        check_seq2seq_tool("serving", model)
-    check_seq2seq_tool("serving", {"name_or_path": "tiny", "tiny": {"d_model": 32}})  # a T5: no error
 
 
 @pytest.mark.slow

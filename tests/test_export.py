@@ -1,4 +1,5 @@
-"""Export -> load -> predict: checkpoints written by training, the exported folder, peft's view of it, refusals."""
+"""Export -> load -> predict: checkpoints written by training, the exported folder, peft's view of it, refusals; on the
+tiny T5 and on the tiny Llama (decoder-only: peft folders with task_type CAUSAL_LM)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import pytest
 import torch
 from conftest import ROOT, compose_config
 from helpers import SYNTHETIC
-from peft import PeftModel, get_peft_model_state_dict
+from peft import PeftModel, PeftModelForCausalLM, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from test_peft_peer import peft_target_logits
 
 import smop.export
 import smop.run
 from smop.backbones import build_backbone, build_tokenizer
 from smop.data import Task
+from smop.data.datamodule import target_ids
 from smop.data.sources import sample_dir
 from smop.data.synthetic import synthetic_mixture
 from smop.export import export, export_system
@@ -28,7 +31,7 @@ from smop.predict import predict_file, unlabeled_examples
 
 # A random lm_head (untied from the input embeddings): the tiny T5's outputs then vary from row to row,
 # so equal generations mean something (tied, it answers the pad token to everything).
-UNTIED = "+model.tiny.tie_word_embeddings=false"
+UNTIED = "++model.tiny.tie_word_embeddings=false"  # ++: llama-tiny's config sets it already
 FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "test=false", UNTIED]
 FAST += ["callbacks.flop_counter=null", "callbacks.progress_bar=null"]  # the checkpoint callback is what counts
 RUNS = {
@@ -39,25 +42,42 @@ RUNS = {
 }
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[str, tuple[smop.run.PromptTuningSystem, Path]]:
+CAUSAL = "model=llama-tiny"
+CAUSAL_RUNS = {
+    "prompt_tuning": [CAUSAL, "method=prompt_tuning", "method.prompt_length=4", *SYNTHETIC],
+    "lora_prompt_tuning": [CAUSAL, "method=lora_prompt_tuning", "method.prompt_length=6", *SYNTHETIC],
+    "full": [CAUSAL, "method=full", *SYNTHETIC],
+}
+
+
+def train_runs(runs: dict[str, list[str]], tmp_path_factory) -> dict[str, tuple[smop.run.PromptTuningSystem, Path]]:
     """Short train.py runs: the in-memory system (as trained, best weights reloaded) and its best checkpoint."""
-    runs = {}
+    trained = {}
     with pytest.MonkeyPatch.context() as patch:
         built = []
         build_system = smop.run.build_system
         patch.setattr(smop.run, "build_system", lambda *args: built.append(build_system(*args)) or built[-1])
-        for name, overrides in RUNS.items():
+        for name, overrides in runs.items():
             out = tmp_path_factory.mktemp(name)
             assert smop.run.run(compose_config([*overrides, *FAST], out))["status"] == "completed"
-            runs[name] = (built[-1].eval(), next((out / "checkpoints").glob("best-*.ckpt")))
-    return runs
+            trained[name] = (built[-1].eval(), next((out / "checkpoints").glob("best-*.ckpt")))
+    return trained
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, tuple[smop.run.PromptTuningSystem, Path]]:
+    return train_runs(RUNS, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def trained_causal(tmp_path_factory) -> dict[str, tuple[smop.run.PromptTuningSystem, Path]]:
+    return train_runs(CAUSAL_RUNS, tmp_path_factory)
 
 
 def build_perturbed(overrides: list[str], folder: Path) -> tuple[smop.run.PromptTuningSystem, object]:
     """The system train.py builds (seeded as train.py seeds it), its prompt weights moved away from their init."""
     cfg = compose_config([*overrides, UNTIED], folder)
-    L.seed_everything(cfg.seed)  # the tiny T5's random weights come from the seed
+    L.seed_everything(cfg.seed)  # the tiny models' random weights come from the seed
     tokenizer = build_tokenizer(cfg.model.name_or_path)
     datamodule = smop.run.build_datamodule(cfg, tokenizer, setup=False)
     system = smop.run.build_system(cfg, datamodule, tokenizer)
@@ -164,7 +184,7 @@ def peft_generate(model: PeftModel, input_ids, attention_mask, max_new_tokens: i
 
 
 def fresh_backbone(system) -> torch.nn.Module:
-    """The run's frozen tiny T5 rebuilt from its seed, as peft would get it: without our prompt or adapters."""
+    """The run's frozen tiny model rebuilt from its seed, as peft would get it: without our prompt or adapters."""
     with seeded(system.hparams["seed"]):
         return build_backbone("tiny", system.hparams["model"]["tiny"])
 
@@ -304,3 +324,113 @@ def test_predict_cli(trained, tmp_path):
     assert [line["label_index"] for line in lines] == reference(
         system, load(folder, device="cpu"), examples_of("prompt_tuning")
     )[0]
+
+
+# --- decoder-only (causal) backbones ------------------------------------------------------------------------------
+def causal_rows(loaded: LoadedModel, examples: list[dict]) -> list[dict]:
+    """Each example's source ids (no EOS, as in training) and its gold target (the label word's ids and EOS)."""
+    targets = target_ids(loaded.datamodule.tokenizer, loaded.task.label_words, causal=True)
+    return [
+        {"input_ids": ids, "labels": targets[example["label"]]}
+        for ids, example in zip(loaded.encode(examples), examples, strict=True)
+    ]
+
+
+def causal_reference(system, loaded: LoadedModel, examples: list[dict]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Predictions, greedy new tokens and the teacher-forced logits of the gold targets [B, t, V] of `system`."""
+    rows = causal_rows(loaded, examples)
+    input_ids, attention_mask = pad_inputs([r["input_ids"] for r in rows], 0)
+    labels = torch.nn.utils.rnn.pad_sequence([torch.tensor(r["labels"]) for r in rows], True, -100)
+    with torch.no_grad():
+        predictions = system.predict_labels(input_ids, attention_mask)[0].tolist()
+        embeds, mask, _ = system.encoder_inputs(input_ids, attention_mask)
+        new = system.kind.generate(system.backbone, embeds, mask, system.max_new_tokens, system.tokenizer)
+        logits = system(input_ids, attention_mask, labels)[1]
+    return predictions, new, logits
+
+
+def peft_folders_are_causal(folder: Path) -> None:
+    for name in ("peft_prompt", "peft_lora"):
+        if (folder / name).is_dir():
+            assert json.loads((folder / name / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM", name
+
+
+@pytest.mark.parametrize("name", list(CAUSAL_RUNS))
+def test_causal_export_load_predict_round_trip_is_identical(trained_causal, tmp_path, name):
+    system, checkpoint = trained_causal[name]
+    folder = export(checkpoint, tmp_path / "export")
+    examples = synthetic_mixture(12, seed=7)
+    from_folder = load(folder, device="cpu")
+    expected_labels, expected_new, expected_logits = causal_reference(system, from_folder, examples)
+    assert not torch.allclose(expected_logits[0], expected_logits[1])  # rows differ: the check has teeth
+    for loaded in (from_folder, load(checkpoint, device="cpu")):
+        assert loaded.label(examples) == expected_labels
+        labels, new, logits = causal_reference(loaded.system, loaded, examples)
+        assert labels == expected_labels and torch.equal(new, expected_new)
+        torch.testing.assert_close(logits, expected_logits)
+    written = {path.name for path in folder.iterdir()} - {"config.yaml", "export.json", "prompt.safetensors"}
+    expected = {"prompt_tuning": {"peft_prompt"}, "lora_prompt_tuning": {"peft_prompt", "peft_lora"}, "full": {"model"}}
+    assert written == expected[name]
+    peft_folders_are_causal(folder)
+    source = tmp_path / "new.jsonl"  # smop.predict on the exported folder
+    source.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in examples))
+    predict_file(from_folder, source, tmp_path / "out.jsonl", batch_size=5, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [line["label_index"] for line in lines] == expected_labels
+
+
+@pytest.mark.parametrize("method", ["smop", "p_tuning", "idpg", "lopa"])  # DePT: tests/test_serving.py
+def test_every_prompt_method_survives_a_causal_export(tmp_path, method):
+    """As on the T5: only a static prompt (prompt tuning's table, P-tuning's MLP output) becomes a peft folder."""
+    overrides = [CAUSAL, f"method={method}", "method.prompt_length=4", *SYNTHETIC]
+    system, datamodule = build_perturbed(overrides, tmp_path)
+    folder = export_system(system, datamodule, tmp_path / "export")
+    loaded = load(folder, device="cpu")
+    examples = synthetic_mixture(6, seed=3)
+    labels, new, logits = causal_reference(system, loaded, examples)
+    assert loaded.label(examples) == labels
+    theirs = causal_reference(loaded.system, loaded, examples)
+    assert torch.equal(theirs[1], new)
+    torch.testing.assert_close(theirs[2], logits)
+    assert (folder / "peft_prompt").is_dir() == (method == "p_tuning")
+    peft_folders_are_causal(folder)
+    if method == "p_tuning":  # peft with the MLP's output as its prompt: our target logits
+        peft_model = PeftModel.from_pretrained(fresh_backbone(system), folder / "peft_prompt").eval()
+        check_peft_target_logits(peft_model, loaded, examples, logits)
+
+
+def check_peft_target_logits(peft_model, loaded: LoadedModel, examples: list[dict], logits, **tol) -> None:
+    """peft fed source + target (right-padded; labels -100 on the source) predicts the target with our logits."""
+    rows = causal_rows(loaded, examples)
+    _, theirs = peft_target_logits(peft_model, rows)
+    for b, row in enumerate(rows):
+        torch.testing.assert_close(theirs[b], logits[b, : len(row["labels"])], **tol)
+
+
+def test_peft_loads_the_causal_prompt_tuning_folder_with_our_prompt(trained_causal, tmp_path):
+    system, checkpoint = trained_causal["prompt_tuning"]
+    folder = export(checkpoint, tmp_path / "export")
+    peft_model = PeftModel.from_pretrained(fresh_backbone(system), folder / "peft_prompt").eval()
+    assert isinstance(peft_model, PeftModelForCausalLM)
+    assert torch.equal(peft_model.get_prompt_embedding_to_save("default"), system.prompt.prompt.detach())
+    loaded = load(folder, device="cpu")
+    examples = synthetic_mixture(12, seed=7)
+    _, _, logits = causal_reference(system, loaded, examples)
+    check_peft_target_logits(peft_model, loaded, examples, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_peft_loads_the_causal_lora_folder_with_our_adapters(trained_causal, tmp_path):
+    """LoRA through peft (CAUSAL_LM), merged, then the prompt through peft: our LoRA + prompt tuning's logits."""
+    system, checkpoint = trained_causal["lora_prompt_tuning"]
+    folder = export(checkpoint, tmp_path / "export")
+    lora = PeftModel.from_pretrained(fresh_backbone(system), folder / "peft_lora").eval()
+    assert isinstance(lora, PeftModelForCausalLM)
+    ours = get_peft_model_state_dict(system.backbone)
+    theirs = {key.removeprefix("base_model.model."): value for key, value in get_peft_model_state_dict(lora).items()}
+    assert set(theirs) == set(ours) and all(torch.equal(theirs[key], ours[key]) for key in ours)
+    assert any(value.abs().sum() > 0 for key, value in ours.items() if "lora_B" in key)  # trained, not at init
+    with_prompt = PeftModel.from_pretrained(lora.merge_and_unload(), folder / "peft_prompt").eval()
+    loaded = load(folder, device="cpu")
+    examples = synthetic_mixture(12, seed=7)
+    _, _, logits = causal_reference(system, loaded, examples)
+    check_peft_target_logits(with_prompt, loaded, examples, logits, rtol=1e-3, atol=1e-3)  # merged: W + BA

@@ -1,7 +1,8 @@
 """Mixed-task serving: one frozen backbone, three tasks' prompts of different lengths, one batch.
 
-Each row of the mixed batch must get what its task's model alone gives it: the same encoder states on its
-real positions (its prompt is left-padded to the longest prompt), the same generated ids, the same prediction.
+Each row of the mixed batch must get what its task's model alone gives it: on the tiny T5 the same encoder states on
+its real positions (its prompt is left-padded to the longest prompt), the same generated ids, the same prediction; on
+the tiny Llama the same [P ; E[x]] right before the first real token, the same new tokens, logits and prediction.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import pytest
 import torch
 from helpers import SYNTHETIC
 from test_export import build_perturbed
+from torch.nn.functional import pad
+from torch.nn.utils.rnn import pad_sequence
 from transformers.modeling_outputs import BaseModelOutput
 
+from smop.backbones.causal import IGNORE, left_aligned, take
 from smop.data.sources import sample_dir
 from smop.data.synthetic import synthetic_mixture
 from smop.export import export_system
@@ -35,6 +39,15 @@ def export_perturbed(overrides: list[str], folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory) -> dict[str, Path]:
     return {name: export_perturbed(overrides, tmp_path_factory.mktemp(name)) for name, overrides in TASKS.items()}
+
+
+@pytest.fixture(scope="module")
+def causal_exports(tmp_path_factory) -> dict[str, Path]:
+    """The same three tasks, methods and prompt lengths on the tiny Llama."""
+    return {
+        name: export_perturbed(["model=llama-tiny", *overrides], tmp_path_factory.mktemp(f"causal_{name}"))
+        for name, overrides in TASKS.items()
+    }
 
 
 def records(task: str, count: int) -> list[dict]:
@@ -67,16 +80,24 @@ def alone(loaded, examples: list[dict]) -> dict:
     return {"states": states, "lengths": attention_mask.sum(1).tolist(), "ids": ids, "logits": logits, "labels": labels}
 
 
+ORDER = ["rte", "synthetic_mixture", "cb", "cb", "rte", "synthetic_mixture", "synthetic_mixture", "rte", "cb"]
+ORDER += ["synthetic_mixture", "rte", "cb"]
+
+
+def interleaved(per_task: dict[str, list[dict]]) -> list[tuple[str, dict]]:
+    """Every task's rows scattered through the batch, each task's in its own order."""
+    taken = dict.fromkeys(per_task, 0)
+    rows = []
+    for name in ORDER:
+        rows.append((name, per_task[name][taken[name]]))
+        taken[name] += 1
+    return rows
+
+
 def test_mixed_batch_equals_each_task_alone(exports):
     server = PromptServer(exports, device="cpu")
     per_task = {name: records(name, 4) for name in TASKS}
-    order = ["rte", "synthetic_mixture", "cb", "cb", "rte", "synthetic_mixture", "synthetic_mixture", "rte", "cb"]
-    order += ["synthetic_mixture", "rte", "cb"]
-    taken = dict.fromkeys(TASKS, 0)
-    rows = []
-    for name in order:  # interleaved: every task's rows scattered through the batch
-        rows.append((name, per_task[name][taken[name]]))
-        taken[name] += 1
+    rows = interleaved(per_task)
     batch = server.batch(rows)
     generation = server.generate(batch)
     ids = torch.nn.utils.rnn.pad_sequence(generation.sequences, batch_first=True)
@@ -130,3 +151,63 @@ def test_server_refuses_what_cannot_share_the_backbone(exports, tmp_path):
     assert server.tasks == ["rte", "cb"]
     with pytest.raises(ValueError, match=r"Unknown task\(s\) \['boolq'\]; this server holds \['rte', 'cb'\]"):
         server.predict([("boolq", {"question": "q", "passage": "p"})])
+
+
+def as_labels(ids: torch.Tensor, eos: int) -> torch.Tensor:
+    """Generated tokens as a teacher-forced target: each row up to its first EOS, -100 after (the padding)."""
+    after = (ids.eq(eos).long().cumsum(1) - ids.eq(eos).long()) > 0
+    return ids.masked_fill(after, IGNORE)
+
+
+def causal_alone(loaded, examples: list[dict]) -> dict:
+    """One task on its own model: [P ; E[x]] left-aligned, new tokens (padded to its limit), their logits, labels."""
+    system = loaded.system
+    input_ids, attention_mask = pad_inputs(loaded.encode(examples), 0)
+    embeds, mask, _ = system.encoder_inputs(input_ids, attention_mask)
+    limit, tokenizer = system.max_new_tokens, system.tokenizer
+    with torch.no_grad():
+        new = system.kind.generate(system.backbone, embeds, mask, limit, tokenizer)
+        new = pad(new, (0, limit - new.shape[1]), value=tokenizer.pad_token_id)  # when every row ended early
+        logits = system.kind.loss(system.backbone, embeds, mask, as_labels(new, tokenizer.eos_token_id))[1]
+        labels = system.predict_labels(input_ids, attention_mask)[0].tolist()
+    order = left_aligned(mask)
+    return {"sequence": take(embeds, order), "ids": new, "logits": logits, "labels": labels}
+
+
+def test_causal_mixed_batch_equals_each_task_alone(causal_exports):
+    """Prompts of 8, 3 and 5 tokens in one batch: each row's prompt sits right before its first real token."""
+    server = PromptServer(causal_exports, device="cpu")
+    assert server.kind.name == "causal"
+    per_task = {name: records(name, 4) for name in TASKS}
+    rows = interleaved(per_task)
+    batch = server.batch(rows)
+    generation = server.generate(batch)
+    assert generation.encoder_states is None and generation.prompt_width == 8
+    tokenizer = server.tokenizer
+    limits = [server.specs[name].max_new_tokens for name, _ in rows]
+    assert len(set(limits)) > 1  # the tasks' label words differ in length: rows are cut at their own limit
+    assert all(len(seq) <= limit for seq, limit in zip(generation.sequences, limits, strict=True))
+    ids = pad_sequence(generation.sequences, batch_first=True, padding_value=tokenizer.pad_token_id)
+    embeds, mask, _ = server.encoder_inputs(batch)
+    with torch.no_grad():
+        logits = server.kind.loss(server.backbone, embeds, mask, as_labels(ids, tokenizer.eos_token_id))[1]
+    order = left_aligned(mask)
+    sequence, sequence_mask = take(embeds, order), take(mask, order)
+    predictions = server.predict(rows)
+    references = {
+        name: causal_alone(load(folder, device="cpu"), per_task[name]) for name, folder in causal_exports.items()
+    }
+    seen = dict.fromkeys(TASKS, 0)
+    for row, (name, _) in enumerate(rows):
+        ref, j = references[name], seen[name]
+        seen[name] += 1
+        real = int(mask[row].sum())  # its prompt's length and its input's
+        assert real == server.prompts[name].prompt_length + int(batch.attention_mask[row].sum())
+        assert sequence_mask[row, -real:].all() and not sequence_mask[row, :-real].any()  # the padding first
+        torch.testing.assert_close(sequence[row, -real:], ref["sequence"][j, -real:])  # [P ; E[x]] as alone
+        limit = limits[row]
+        assert torch.equal(pad(generation.sequences[row], (0, limit - len(generation.sequences[row]))), ref["ids"][j])
+        steps = int(as_labels(ref["ids"][j : j + 1], tokenizer.eos_token_id).ne(IGNORE).sum())
+        torch.testing.assert_close(logits[row, :steps], ref["logits"][j, :steps], atol=1e-4, rtol=1e-4)
+        assert predictions[row]["label_index"] == ref["labels"][j], (name, j)
+    assert not torch.allclose(logits[0, 0], logits[4, 0])  # two RTE rows: the logits differ, the check has teeth
