@@ -23,11 +23,13 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from smop.backbones import HubUnreachableError, build_tokenizer
+from smop.backbones.decoding import Decoding
 from smop.builders import build_datamodule, build_system
 from smop.data import SuperGLUEDataModule, Task
 from smop.data.datamodule import encode
 from smop.methods import current_targets
 from smop.methods.base import EncoderBatch
+from smop.metrics import to_label_index
 from smop.module import PromptTuningSystem
 
 FORMAT, FORMAT_VERSION = "smop-export", 1
@@ -73,12 +75,25 @@ class LoadedModel:
         return EncoderBatch.of({key: value.to(self.device) for key, value in features.items()})
 
     @torch.no_grad()
+    def generate(
+        self,
+        examples: Sequence[dict[str, Any]],
+        decoding: Decoding | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[list[str]]:
+        """Per example, its decoding.num_return_sequences generated texts (one, greedy, by default), each cut before
+        the first stop string."""
+        decoding = decoding or Decoding()
+        input_ids, attention_mask = pad_inputs(self.encode(examples), self.datamodule.tokenizer.pad_token_id)
+        inputs = (input_ids.to(self.device), attention_mask.to(self.device), self.encoder_batch(examples))
+        texts, _ = self.system.generate_texts(*inputs, decoding=decoding, generator=generator)
+        n = decoding.num_return_sequences
+        return [texts[i * n : (i + 1) * n] for i in range(len(examples))]
+
     def label(self, examples: Sequence[dict[str, Any]]) -> list[int]:
         """Label index per example (-1: the output was no label word), by the system's own greedy decoding."""
-        input_ids, attention_mask = pad_inputs(self.encode(examples), self.datamodule.tokenizer.pad_token_id)
-        encoder_batch = self.encoder_batch(examples)
-        preds, _ = self.system.predict_labels(input_ids.to(self.device), attention_mask.to(self.device), encoder_batch)
-        return preds.tolist()
+        texts = [outputs[0] for outputs in self.generate(examples)]
+        return to_label_index(texts, self.task.label_words).tolist()
 
 
 def pad_inputs(ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:

@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from smop.backbones import freeze, kind_of
+from smop.backbones.decoding import Decoding, truncate_at_stop
 from smop.data.tasks import Task
 from smop.methods.base import EncoderBatch, PromptModule, PromptOutput
 from smop.methods.lora import add_lora
@@ -130,13 +131,30 @@ class PromptTuningSystem(L.LightningModule):
         return loss, logits, out
 
     @torch.no_grad()
+    def generate_texts(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        encoder_batch: EncoderBatch | None = None,
+        decoding: Decoding | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[list[str], PromptOutput | None]:
+        """The new text of each row (greedy unless `decoding` samples; num_return_sequences n gives B * n texts, rows
+        i*n .. i*n+n-1 for example i), cut before the first stop string; and the prompt output."""
+        decoding = decoding or Decoding()
+        embeds, mask, out = self.encoder_inputs(input_ids, attention_mask, encoder_batch)
+        generated = self.kind.generate(
+            self.backbone, embeds, mask, self.max_new_tokens, self.tokenizer, decoding, generator
+        )
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return truncate_at_stop(texts, decoding.stop), out
+
+    @torch.no_grad()
     def predict_labels(
         self, input_ids: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None
     ) -> tuple[Tensor, PromptOutput | None]:
         """Greedy generation, normalised exact match to a label word (-1: no label word)."""
-        embeds, mask, out = self.encoder_inputs(input_ids, attention_mask, encoder_batch)
-        generated = self.kind.generate(self.backbone, embeds, mask, self.max_new_tokens, self.tokenizer)
-        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        texts, out = self.generate_texts(input_ids, attention_mask, encoder_batch)
         return to_label_index(texts, self.task.label_words).to(input_ids.device), out
 
     # --- steps -------------------------------------------------------------------------------------

@@ -3,9 +3,11 @@
 `prompt` is an exported folder (python -m smop.export) or a train.py checkpoint. `input` is a JSONL file in
 the official SuperGLUE schema of the prompt's task, labels not needed (ignored when present). Each input gets
 one output line {"idx", "label" (the predicted label word, null when the output was none), "label_index" (-1
-then)}; MultiRC gets one line per answer, idx = {paragraph, question, answer}. The file is streamed: read line
-by line, labelled a batch at a time and flushed, with the same formatting and truncation as training. A malformed
-line stops it with `FILE:LINE:` and the reason, after the predictions of every line before it are written.
+then), "output" (the generated text)}; with decoding.do_sample=true decoding.num_return_sequences=N (and
+decoding.temperature, decoding.top_p, decoding.stop=[...]) it gets {"idx", "outputs", "labels", "label_indices"}
+with N sampled outputs. MultiRC gets one line per answer, idx = {paragraph, question, answer}. The file is
+streamed: read line by line, labelled a batch at a time and flushed, with the same formatting and truncation as
+training. A malformed line stops it with `FILE:LINE:` and the reason, after the predictions of every line before it are written.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from smop.backbones.decoding import Decoding
 from smop.data import Task
 from smop.loading import CLI_DEFAULTS, USER_ERRORS, LoadedModel, hydra_cli, load
+from smop.metrics import to_label_index
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +94,33 @@ def count_lines(path: Path) -> int:
         return sum(1 for _ in handle)
 
 
-def write_predictions(loaded: LoadedModel, pairs: list[tuple[Any, dict[str, Any]]], out: IO[str]) -> int:
+def write_predictions(
+    loaded: LoadedModel, pairs: list[tuple[Any, dict[str, Any]]], out: IO[str], decoding: Decoding | None = None
+) -> int:
     """Label one batch and write (and flush) its lines; returns how many outputs were no label word."""
     words = loaded.task.label_words
-    indices = loaded.label([example for _, example in pairs])
-    for (idx, _), index in zip(pairs, indices, strict=True):
-        line = {"idx": idx, "label": words[index] if index >= 0 else None, "label_index": index}
+    outputs = loaded.generate([example for _, example in pairs], decoding)
+    misses = 0
+    for (idx, _), texts in zip(pairs, outputs, strict=True):
+        indices = to_label_index(texts, words).tolist()
+        labels = [words[index] if index >= 0 else None for index in indices]
+        misses += sum(index < 0 for index in indices)
+        if len(texts) == 1:
+            line = {"idx": idx, "label": labels[0], "label_index": indices[0], "output": texts[0]}
+        else:  # decoding.num_return_sequences > 1: every sampled output and its label
+            line = {"idx": idx, "labels": labels, "label_indices": indices, "outputs": texts}
         out.write(json.dumps(line) + "\n")
     out.flush()
-    return sum(index < 0 for index in indices)
+    return misses
 
 
 def predict_file(
-    loaded: LoadedModel, input_path: str | Path, output_path: str | Path, batch_size: int = 32, progress: bool = True
+    loaded: LoadedModel,
+    input_path: str | Path,
+    output_path: str | Path,
+    batch_size: int = 32,
+    progress: bool = True,
+    decoding: Decoding | None = None,
 ) -> dict[str, int]:
     """Stream `input_path` through the model into `output_path`; counts of inputs, lines and non-label outputs."""
     input_path, output_path = Path(input_path), Path(output_path)
@@ -127,7 +145,7 @@ def predict_file(
 
     def flush(out: IO[str]) -> None:
         if pending:
-            counts["no_label_word"] += write_predictions(loaded, pending, out)
+            counts["no_label_word"] += write_predictions(loaded, pending, out, decoding)
             counts["predictions"] += len(pending)
             pending.clear()
 
@@ -137,7 +155,7 @@ def predict_file(
             for number, pairs in read_inputs(input_path, loaded.task):
                 pending += pairs
                 while len(pending) >= batch_size:
-                    counts["no_label_word"] += write_predictions(loaded, pending[:batch_size], out)
+                    counts["no_label_word"] += write_predictions(loaded, pending[:batch_size], out, decoding)
                     counts["predictions"] += batch_size
                     del pending[:batch_size]
                 counts["lines"] = number
@@ -152,6 +170,17 @@ def predict_file(
 
 
 @dataclass
+class DecodingConfig:
+    """smop.backbones.decoding.Decoding as command-line options (decoding.do_sample=true ...)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_return_sequences: int = 1
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
 class PredictConfig:
     defaults: list[Any] = field(default_factory=lambda: list(CLI_DEFAULTS))
     prompt: str = MISSING  # an exported folder (python -m smop.export) or a train.py checkpoint
@@ -161,6 +190,7 @@ class PredictConfig:
     device: str = "auto"  # auto: the GPU when there is one | cpu | cuda | cuda:1 ...
     model_path: str | None = None  # the backbone from another place (a local copy of the same weights)
     progress: bool = True  # the progress bar (on stderr)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)  # greedy unless decoding.do_sample=true
     hydra: Any = field(default_factory=lambda: hydra_cli(__doc__))
 
 
@@ -175,11 +205,12 @@ def main(cfg: DictConfig) -> None:
     input_path = Path(cfg.input)
     output = Path(cfg.output) if cfg.output else input_path.with_name(f"{input_path.stem}.predictions.jsonl")
     try:
+        decoding = Decoding(**OmegaConf.to_container(cfg.decoding))  # a bad option stops before the model loads
         loaded = load(cfg.prompt, cfg.model_path, cfg.device)
         log.info(
             f"{loaded.config['method']['name']} prompt for {loaded.task.name} from {cfg.prompt} on {loaded.device}"
         )
-        counts = predict_file(loaded, input_path, output, cfg.batch_size, cfg.progress)
+        counts = predict_file(loaded, input_path, output, cfg.batch_size, cfg.progress, decoding)
     except USER_ERRORS as err:  # a bad path, file or line: its message, without a traceback
         raise SystemExit(f"smop.predict: {err}") from err
     log.info(

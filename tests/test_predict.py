@@ -71,3 +71,49 @@ def test_predict_cli_reports_file_and_line_plainly(checkpoint, tmp_path):
     assert "Traceback" not in done.stderr
     written = [json.loads(line) for line in (tmp_path / "new.predictions.jsonl").read_text().splitlines()]
     assert [line["idx"] for line in written] == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def causal_checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("predict_causal")
+    overrides = ["model=llama-tiny", "method=prompt_tuning", "method.prompt_length=4", *SYNTHETIC, *SHORT]
+    assert smop.run.run(compose_config(overrides, out))["status"] == "completed"
+    return next((out / "checkpoints").glob("best-*.ckpt"))
+
+
+def test_sampled_predictions_give_every_output_and_its_label(causal_checkpoint, tmp_path):
+    import torch
+
+    from smop.backbones.decoding import Decoding
+    from smop.metrics import to_label_index
+
+    loaded = load(causal_checkpoint, device="cpu")
+    examples = [{"text": record["text"]} for record in synthetic_mixture(3, seed=3)]
+    greedy = loaded.generate(examples)
+    assert [len(texts) for texts in greedy] == [1, 1, 1]
+    assert to_label_index([texts[0] for texts in greedy], loaded.task.label_words).tolist() == loaded.label(examples)
+
+    decoding = Decoding(do_sample=True, temperature=2.0, num_return_sequences=4)
+    first = loaded.generate(examples, decoding, torch.Generator().manual_seed(0))
+    again = loaded.generate(examples, decoding, torch.Generator().manual_seed(0))
+    assert first == again and [len(texts) for texts in first] == [4, 4, 4]
+    assert len({text for texts in first for text in texts}) > 1  # temperature 2 on random weights: outputs differ
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(inputs(3)) + "\n")
+    predict_file(loaded, source, tmp_path / "out.jsonl", batch_size=2, progress=False, decoding=decoding)
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [len(line["outputs"]) for line in lines] == [4, 4, 4]
+    words = loaded.task.label_words
+    for line in lines:
+        assert line["label_indices"] == to_label_index(line["outputs"], words).tolist()
+        assert line["labels"] == [words[i] if i >= 0 else None for i in line["label_indices"]]
+
+
+def test_predict_cli_refuses_a_bad_decoding_option_before_loading(tmp_path):
+    command = [sys.executable, "-m", "smop.predict", f"prompt={tmp_path}/none", f"input={tmp_path}/none.jsonl"]
+    done = subprocess.run(
+        [*command, "decoding.num_return_sequences=3"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert done.returncode == 1
+    assert "decoding.num_return_sequences=3 needs do_sample=true" in done.stderr
