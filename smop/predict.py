@@ -7,7 +7,8 @@ then), "output" (the generated text)}; with decoding.do_sample=true decoding.num
 decoding.temperature, decoding.top_p, decoding.stop=[...]) it gets {"idx", "outputs", "labels", "label_indices"}
 with N sampled outputs. MultiRC gets one line per answer, idx = {paragraph, question, answer}. The file is
 streamed: read line by line, labelled a batch at a time and flushed, with the same formatting and truncation as
-training. A malformed line stops it with `FILE:LINE:` and the reason, after the predictions of every line before it are written.
+training. A malformed line stops it with `FILE:LINE:` and the reason, after the predictions of every line before
+it are written.
 """
 
 from __future__ import annotations
