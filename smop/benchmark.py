@@ -3,9 +3,10 @@
 `python -m smop.benchmark benchmark.model=t5-base benchmark.precision=bf16` measures, in one process,
 for every variant of `benchmark.variants`: the median time of a training step (forward + backward +
 optimizer step, after warm-up, no evaluation), the peak memory of those steps, the inference FLOPs per
-example (fvcore, eager attention) and the trainable parameters. Our methods run their real
-`PromptTuningSystem.forward`; the peers are the `peft` library's prompt tuning and a bare PyTorch loop.
-Inputs have the bundled samples' real lengths and fixed lengths. Results go to benchmark.md and
+example (fvcore, eager attention, next to an analytic count) and the trainable parameters. Our methods run
+their real `PromptTuningSystem.forward`; the peers are the `peft` library's prompt tuning and a bare PyTorch
+loop. The backbone is a seq2seq T5 or, with `benchmark.kind=causal`, a decoder-only Llama, always with random
+weights. Inputs have the bundled samples' real lengths and fixed lengths. Results go to benchmark.md and
 benchmark.json in the Hydra output directory. docs/benchmarks.md explains every column.
 """
 
@@ -42,14 +43,15 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, T5Config
 
-from smop.backbones import build_tokenizer, freeze
+from smop.backbones import CAUSAL, SEQ2SEQ, TINY, build_backbone, build_tokenizer, freeze, kind_of
+from smop.backbones.causal import IGNORE, left_aligned, take
 from smop.builders import build_datamodule, build_prompt
 from smop.checks import CONFIG_DIR, method_routes
 from smop.costs import eager_attention, inference_flops, sync
 from smop.data.tasks import Task
-from smop.methods import DecomposedPromptTuning, PromptTuning, PTuning, SparseMixtureOfPrompts
+from smop.methods import PromptModule
 from smop.methods.lora import has_lora, remove_lora
 from smop.module import PromptTuningSystem
 from smop.results import versions
@@ -59,17 +61,16 @@ MIB = 2**20
 
 
 # --- backbone ---------------------------------------------------------------------------------------
-def build_t5(architecture: dict[str, Any]) -> T5ForConditionalGeneration:
-    """The real architecture with random weights: no download, and every variant shares it."""
-    return T5ForConditionalGeneration(T5Config(**architecture))
-
-
-def twin_on_same_weights(model: T5ForConditionalGeneration) -> T5ForConditionalGeneration:
-    """A second T5 object (for peft to wrap) whose parameters use the storage of `model`'s: the same
-    state dict, no second copy in memory, so peft and our methods are measured on identical weights."""
+def twin_on_same_weights(model: PreTrainedModel) -> PreTrainedModel:
+    """A second model object (for peft to wrap) whose parameters and buffers use the storage of `model`'s: no
+    second copy in memory, so peft and our methods are measured on identical weights."""
     with torch.device("meta"):
-        twin = T5ForConditionalGeneration(copy.deepcopy(model.config))
+        twin = type(model)(copy.deepcopy(model.config))
     twin.load_state_dict(model.state_dict(), assign=True)
+    for name, buffer in model.named_buffers():  # non-persistent ones (Llama's rotary inv_freq) are not in the state
+        owner, _, leaf = name.rpartition(".")
+        if twin.get_buffer(name).is_meta:
+            twin.get_submodule(owner)._buffers[leaf] = buffer
     return twin.eval()
 
 
@@ -109,16 +110,24 @@ def estimated_length(num_bytes: int, bytes_per_token: float) -> int:
 
 
 def task_rows(
-    bench: DictConfig, task: str, tokenizer: PreTrainedTokenizerBase, estimate: bool, budget: int, vocab_high: int
+    bench: DictConfig,
+    task: str,
+    tokenizer: PreTrainedTokenizerBase,
+    estimate: bool,
+    budget: int,
+    vocab_high: int,
+    architecture: dict[str, Any],
 ) -> TaskRows:
-    """Rows of the task read through SuperGLUEDataModule (`benchmark.source`, sample by default).
+    """Rows of the task read through SuperGLUEDataModule (`benchmark.source`, sample by default), as training
+    encodes them for this architecture's kind (a causal LM's source has no EOS; its target counts in `budget`).
 
     With a real tokenizer the ids are real, truncated to `budget` as in training. Without one
-    (`estimate`: t5-base/large offline) the text is read as bytes and each input gets random ids of its
+    (`estimate`: t5-base/large, llama-base offline) the text is read as bytes and each input gets random ids of its
     estimated subword length, so lengths stay realistic though the ids are not.
     """
     dataset = OmegaConf.load(CONFIG_DIR / "dataset" / f"{task}.yaml")
-    root = OmegaConf.create({"seed": bench.seed, "dataset": dataset, "method": {"prompt_length": 0}})
+    model = {"name_or_path": TINY, "tiny": architecture}  # build_datamodule reads the kind from it
+    root = OmegaConf.create({"seed": bench.seed, "dataset": dataset, "method": {"prompt_length": 0}, "model": model})
     if root.dataset.source != "synthetic":  # the synthetic task is generated, not read
         root.dataset.source = bench.source
     if bench.data_dir:
@@ -138,7 +147,7 @@ def task_rows(
             f"real ids ({type(tokenizer).__name__})",
         )
     generator = torch.Generator().manual_seed(bench.seed)
-    eos = tokenizer.eos_token_id
+    eos, causal = tokenizer.eos_token_id, datamodule.causal
     label_ids = [
         torch.randint(
             3, vocab_high, (estimated_length(len(w.encode()), bench.bytes_per_token) - 1,), generator=generator
@@ -147,11 +156,14 @@ def task_rows(
         for w in datamodule.task.label_words
     ]
     estimated = []
+    cap = budget - (max(len(ids) for ids in label_ids) if causal else 0)  # a causal target shares the budget
     for row in rows:
-        length = min(estimated_length(len(row["input_ids"]) - 1, bench.bytes_per_token), budget)
-        ids = torch.randint(3, vocab_high, (length - 1,), generator=generator).tolist() + [eos]
+        byte_count = len(row["input_ids"]) - (0 if causal else 1)  # ByT5's bytes, its EOS not (causal: none)
+        words = estimated_length(byte_count, bench.bytes_per_token) - 1  # subword tokens before the EOS
+        keep = min(words, cap) if causal else min(words + 1, cap) - 1
+        ids = torch.randint(3, vocab_high, (keep,), generator=generator).tolist() + ([] if causal else [eos])
         estimated.append({**row, "input_ids": ids, "labels": label_ids[row["label_index"]]})
-    note = f"estimated: random ids, length = ceil(bytes / {bench.bytes_per_token}) + EOS"
+    note = f"estimated: random ids, length = ceil(bytes / {bench.bytes_per_token})" + ("" if causal else " + EOS")
     return TaskRows(datamodule.task, estimated, datamodule.collate, pad_id, root.dataset.source, note)
 
 
@@ -173,14 +185,16 @@ def real_batches(rows: TaskRows, batch_size: int, count: int, seed: int) -> list
     return batches
 
 
-def fixed_batches(like: list[Batch], length: int, vocab_high: int, eos: int, seed: int) -> list[Batch]:
-    """Inputs of exactly `length` tokens (random ids ending in EOS, no padding), the labels of `like`."""
+def fixed_batches(like: list[Batch], length: int, vocab_high: int, eos: int | None, seed: int) -> list[Batch]:
+    """Inputs of exactly `length` tokens (random ids ending in EOS, none for a causal source; no padding), the
+    labels of `like`."""
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for batch in like:
         rows = batch["input_ids"].shape[0]
         ids = torch.randint(3, vocab_high, (rows, length), generator=generator)
-        ids[:, -1] = eos
+        if eos is not None:
+            ids[:, -1] = eos
         batches.append({**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)})
     return batches
 
@@ -311,7 +325,7 @@ def method_config(spec: DictConfig, optimizer: str) -> DictConfig:
 
 def build_ours(
     root: DictConfig,
-    backbone: T5ForConditionalGeneration,
+    backbone: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
     device: torch.device,
@@ -357,7 +371,7 @@ def build_ours(
 
 def build_lightning(
     root: DictConfig,
-    backbone: T5ForConditionalGeneration,
+    backbone: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
     device: torch.device,
@@ -402,29 +416,46 @@ def build_lightning(
     return Runner(lambda batch: None, trainable, [system], None, None, root.method.prompt_length, run=run)
 
 
+def causal_sequence(batch: Batch, pad_id: int) -> Batch:
+    """A batch (right-padded source ids, -100-padded target) as one causal LM row per example, for peft:
+    [padding ; source ; target] ids (left-padded), labels -100 but on the real target tokens. peft prepends its
+    virtual tokens to the whole row, so with left padding its sequence [P ; padding ; source ; target] has the
+    length and the padding of ours ([padding ; P ; source ; target]); right padding would put the padding
+    between its prompt and the target."""
+    target = batch["labels"].ne(IGNORE)
+    mask = torch.cat([batch["attention_mask"], target.to(batch["attention_mask"].dtype)], dim=1)
+    ids = torch.cat([batch["input_ids"], batch["labels"].masked_fill(~target, pad_id)], dim=1)
+    labels = torch.cat([torch.full_like(batch["input_ids"], IGNORE), batch["labels"]], dim=1)
+    order = left_aligned(mask)
+    return {"input_ids": take(ids, order), "attention_mask": take(mask, order), "labels": take(labels, order)}
+
+
 def build_peft(
     root: DictConfig,
-    backbone: T5ForConditionalGeneration,
+    backbone: PreTrainedModel,
     device: torch.device,
     autocast: Callable[[], Any],
     train_mode: bool,
+    pad_id: int,
 ) -> Runner:
-    """The peer: peft's prompt tuning on a twin T5 holding the same weights, allocating exactly L rows."""
+    """The peer: peft's prompt tuning on a twin backbone holding the same weights, allocating exactly L rows
+    (seq2seq: before the encoder input; causal: before the whole row, see `causal_sequence`)."""
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
     length = int(root.method.prompt_length)
-    config = PromptTuningConfig(
-        task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=length, num_transformer_submodules=1
-    )
+    causal = kind_of(backbone).name == CAUSAL
+    task_type = TaskType.CAUSAL_LM if causal else TaskType.SEQ_2_SEQ_LM
+    config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=length, num_transformer_submodules=1)
     model = get_peft_model(twin_on_same_weights(backbone), config).to(device)
     model.train(train_mode)  # the frozen backbone's dropout as in the other variants (benchmark.train_dropout)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate(root.optimizer)(params)
 
     def step(batch: Batch) -> None:
+        inputs = causal_sequence(batch, pad_id) if causal else batch  # a few integer gathers: the collate's work
         with autocast():
             loss = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"]
             ).loss
         loss.backward()
         optimizer.step()
@@ -435,16 +466,19 @@ def build_peft(
 
 def build_bare(
     root: DictConfig,
-    backbone: T5ForConditionalGeneration,
+    backbone: PreTrainedModel,
     device: torch.device,
     autocast: Callable[[], Any],
     train_dropout: bool,
 ) -> Runner:
-    """The floor: a plain nn.Parameter prompt concatenated to the embedding output, no project class."""
+    """The floor: a plain nn.Parameter prompt concatenated to the embedding output, then the backbone kind's own
+    loss (seq2seq: the backbone with labels; causal: CausalKind's [padding ; P ; E[x] ; E[y]] row), no system or
+    prompt module class."""
     length = int(root.method.prompt_length)
-    prompt = nn.Parameter(torch.randn(length, backbone.config.d_model, device=device))
-    optimizer = instantiate(root.optimizer)([prompt])
     embed = backbone.get_input_embeddings()
+    prompt = nn.Parameter(torch.randn(length, embed.embedding_dim, device=device))
+    optimizer = instantiate(root.optimizer)([prompt])
+    kind = kind_of(backbone)
     backbone.train(train_dropout)  # shared with the other variants, which may have left it in another mode
 
     def step(batch: Batch) -> None:
@@ -453,7 +487,7 @@ def build_bare(
             x = embed(ids)
             x = torch.cat([prompt.to(x.dtype).expand(ids.shape[0], -1, -1), x], dim=1)
             mask = torch.cat([mask.new_ones(ids.shape[0], length), mask], dim=1)
-            loss = backbone(inputs_embeds=x, attention_mask=mask, labels=batch["labels"]).loss
+            loss, _ = kind.loss(backbone, x, mask, batch["labels"])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -490,21 +524,62 @@ def analytic_inference_flops(config: T5Config, encoder_length: int, decoder_leng
     return float(encoder + decoder + t * d * vocab)
 
 
-def prompt_module_flops(prompt: nn.Module | None, rows: int, input_length: int) -> float | None:
-    """Multiply-adds per example of the prompt module itself (fvcore counts its linears and einsum);
-    None for modules without a formula here (IDPG and LoPA run a whole encoder pass and their MLPs)."""
-    if prompt is None:
-        return 0.0
-    if isinstance(prompt, SparseMixtureOfPrompts):
-        num, length, d = prompt.per_prompt.shape
-        router = prompt.router.linear.in_features * num if hasattr(prompt.router, "linear") else 0
-        return float(router + getattr(prompt.router, "topk", 1) * length * d)  # router + weighted gather
-    if isinstance(prompt, PTuning):
-        layers = [m for m in prompt.mlp if isinstance(m, nn.Linear)]
-        return prompt.prompt_length * sum(m.in_features * m.out_features for m in layers) / rows  # once a batch
-    if isinstance(prompt, DecomposedPromptTuning):  # A[:n] B, once a batch
-        return input_length * prompt.rank * prompt.lora_b.shape[1] / rows
-    return 0.0 if isinstance(prompt, PromptTuning) else None
+def llama_stack_flops(config: PretrainedConfig, length: int) -> int:
+    """The decoder stack of a Llama-shaped model (Llama, Mistral, Qwen2), over `length` positions.
+
+    With d = hidden_size, h = head_dim, q = heads * h, k = key/value heads * h (GQA: fewer k, v heads), f =
+    intermediate_size, T = length, per layer:
+      2 T d q (q, o) + 2 T d k (k, v) + 2 T^2 q (scores and weighted sum: each query head reads its k, v head)
+      + 3 T d f (gate, up, down)
+    RMSNorm, rotary embeddings, SiLU and the residuals are elementwise: fvcore counts none of them.
+    """
+    d, f, t = config.hidden_size, config.intermediate_size, length
+    head = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q, k = config.num_attention_heads * head, config.num_key_value_heads * head
+    return config.num_hidden_layers * (2 * t * d * q + 2 * t * d * k + 2 * t * t * q + 3 * t * d * f)
+
+
+def gpt2_stack_flops(config: PretrainedConfig, length: int) -> int:
+    """GPT-2's decoder stack over T = `length` positions (d = n_embd, f = n_inner or 4 d), per layer:
+      4 T d^2 (fused q, k, v and the output projection) + 2 T^2 d (scores, weighted sum) + 2 T d f (MLP)
+      + 2 x 5 T d (its two LayerNorms: fvcore counts 5 per element of an affine norm),
+    and 5 T d for the final LayerNorm. The learned positions are an embedding lookup: free."""
+    d, t = config.n_embd, length
+    f = config.n_inner or 4 * d
+    return config.n_layer * (4 * t * d * d + 2 * t * t * d + 2 * t * d * f + 10 * t * d) + 5 * t * d
+
+
+CAUSAL_STACKS: dict[str, Callable[[PretrainedConfig, int], int]] = {
+    "llama": llama_stack_flops,
+    "mistral": llama_stack_flops,
+    "qwen2": llama_stack_flops,
+    "gpt2": gpt2_stack_flops,
+}
+
+
+def analytic_causal_flops(config: PretrainedConfig, source_length: int, target_length: int) -> float | None:
+    """Multiply-adds per example of one causal LM inference forward, as `CausalKind.inference_logits` runs it and
+    fvcore counts it: one pass without the cache over T = source_length (prompt + padded input) + target_length
+    (the padded label) positions, the stack (`CAUSAL_STACKS`) and the LM head T d V (the head runs over all T
+    positions; the target's logits are gathered after it). None for a model type without a formula here."""
+    stack = CAUSAL_STACKS.get(config.model_type)
+    if stack is None:
+        return None
+    length = source_length + target_length
+    return float(stack(config, length) + length * config.hidden_size * config.vocab_size)
+
+
+# The backbone's formula by kind, called with (config, prompt + padded input tokens, padded label tokens).
+ANALYTIC_FLOPS: dict[str, Callable[[PretrainedConfig, int, int], float | None]] = {
+    SEQ2SEQ: analytic_inference_flops,
+    CAUSAL: analytic_causal_flops,
+}
+
+
+def prompt_module_flops(prompt: PromptModule | None, rows: int, input_length: int) -> float | None:
+    """Multiply-adds per example of the prompt module itself, its own `analytic_flops` (None: no formula, e.g. IDPG
+    and LoPA, which run a whole encoder pass); 0 without a module (full fine-tuning)."""
+    return 0.0 if prompt is None else prompt.analytic_flops(rows, input_length)
 
 
 def count_flops(runner: Runner, batches: list[Batch], rows: int) -> dict[str, float]:
@@ -519,11 +594,10 @@ def count_flops(runner: Runner, batches: list[Batch], rows: int) -> dict[str, fl
             measured.append(inference_flops(system, part))
             count, length = part["input_ids"].shape
             module = prompt_module_flops(system.prompt, count, length)
-            if module is not None and not has_lora(system.backbone):  # no formula for LoRA's adapters either
-                width = runner.prompt_length + length
-                analytic.append(
-                    analytic_inference_flops(system.backbone.config, width, part["labels"].shape[1]) + module
-                )
+            width, target = runner.prompt_length + length, part["labels"].shape[1]
+            backbone = ANALYTIC_FLOPS[system.kind.name](system.backbone.config, width, target)
+            if None not in (module, backbone) and not has_lora(system.backbone):  # no formula for LoRA's adapters
+                analytic.append(backbone + module)
     return {
         "inference_flops_per_example": statistics.mean(measured),
         "analytic_flops_per_example": statistics.mean(analytic) if analytic else None,
@@ -548,10 +622,16 @@ class Bench:
         self.batch_size = cfg.batch_size or (32 if self.device.type == "cuda" else 8)
         if cfg.model not in cfg.architectures:
             raise ValueError(f"benchmark.model={cfg.model}; allowed: {', '.join(cfg.architectures)}")
-        architecture = OmegaConf.to_container(cfg.architectures[cfg.model], resolve=True)
+        self.architecture = OmegaConf.to_container(cfg.architectures[cfg.model], resolve=True)
         torch.manual_seed(cfg.seed)
-        self.backbone = freeze(build_t5(architecture)).to(self.device)
-        tiny = cfg.model == "t5-tiny"
+        self.backbone = freeze(build_backbone(TINY, self.architecture)).to(self.device)  # random weights
+        self.kind = kind_of(self.backbone).name
+        if self.kind != cfg.kind:
+            raise ValueError(
+                f"benchmark.model={cfg.model} is a {self.kind} architecture, but benchmark.kind={cfg.kind}: "
+                f"set benchmark.kind={self.kind} (it also picks the LoRA + X variants' modules)"
+            )
+        tiny = cfg.model in cfg.byte_tokenizer
         self.estimate = not tiny and not cfg.tokenizer
         self.tokenizer = build_tokenizer("tiny" if tiny or self.estimate else cfg.tokenizer)
         self.vocab_high = min(self.backbone.config.vocab_size, 32000)  # no sentinels or padding rows
@@ -561,6 +641,10 @@ class Bench:
             raise ValueError(f"benchmark.run_variants: unknown {sorted(unknown)}; known: {', '.join(cfg.variants)}")
         self.specs = {name: cfg.variants[name] for name in names}
         self.roots = {name: method_config(spec, cfg.optimizer) for name, spec in self.specs.items()}
+        targets = cfg.get("lora_target_modules")
+        for root in self.roots.values():  # LoRA + X: the architecture's modules, as run.build_system takes them
+            if root.method.get("lora") and root.method.lora.get("target_modules") is None and targets is not None:
+                root.method.lora.target_modules = list(targets)
         self.longest_prompt = max(int(r.method.get("prompt_length", 0)) for r in self.roots.values())
         self.memory_kind = "cuda_max_allocated" if self.device.type == "cuda" else "cpu_live_tensors"
 
@@ -579,7 +663,7 @@ class Bench:
         if spec.runner == "lightning":
             return build_lightning(root, self.backbone, self.tokenizer, task, self.device, self.cfg.precision, dropout)
         if spec.runner == "peft":
-            return build_peft(root, self.backbone, self.device, self.autocast, dropout)
+            return build_peft(root, self.backbone, self.device, self.autocast, dropout, self.tokenizer.pad_token_id)
         if spec.runner == "bare":
             return build_bare(root, self.backbone, self.device, self.autocast, dropout)
         raise ValueError(f"variant {name}: runner={spec.runner}; allowed: ours, lightning, peft, bare")
@@ -668,6 +752,8 @@ def pipeline_comparison(bench: Bench, rows: TaskRows) -> dict[str, Any]:
     if bench.specs[name].runner not in ("ours", "peft", "bare"):
         raise ValueError(f"benchmark.pipeline.variant={name}: needs a plain-loop variant (runner ours, peft or bare)")
     budget = bench.cfg.max_length - int(bench.roots[name].method.get("prompt_length", 0))
+    if bench.kind == CAUSAL:  # a causal row holds its target too, within max_length
+        budget -= max(len(row["labels"]) for row in rows.rows)
     modes = {"dynamic": rows.collate, "max_length": padded_collate(rows.collate, budget, rows.pad_id)}
     result: dict[str, Any] = {"variant": name, "task": rows.task.name, "max_length_input": budget}
     for mode, collate in modes.items():
@@ -880,10 +966,17 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
     return out
 
 
+FLOPS_SCOPE = {
+    SEQ2SEQ: "encoder + decoder over the label length",
+    CAUSAL: "one pass over prompt + input + label, the LM head at every position",
+}
+
+
 def markdown(report: dict[str, Any]) -> str:
     machine = report["machine"]
     lines = [
-        f"# Benchmark: {report['model']} ({report['precision']}, batch {report['batch_size']}, {report['device']})",
+        f"# Benchmark: {report['model']} ({report['kind']}, {report['precision']}, batch {report['batch_size']}, "
+        f"{report['device']})",
         "",
         f"{machine['date']} - {machine['device_name']} - {machine['cpu_count']} CPU cores, "
         f"{machine['torch_threads']} torch threads - torch {report['versions']['torch']}, "
@@ -895,7 +988,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"optimizer step) after {report['warmup_steps']} warm-up steps; IQR: their interquartile range over "
         "the median (the noise); min ms: the fastest step; CPU ms (CPU runs): median process CPU time of a "
         f"step. {memory_header(report['memory_kind'])}. "
-        "GFLOPs/ex: inference forward per example (encoder + decoder over the label length), multiply-adds. "
+        f"GFLOPs/ex: inference forward per example ({FLOPS_SCOPE[report['kind']]}), multiply-adds. "
         "Targets in brackets are reported, not asserted.",
         "",
     ]
@@ -939,7 +1032,7 @@ def settings(bench: Bench) -> Iterator[tuple[Setting, Task, TaskRows]]:
     budget = cfg.max_length - bench.longest_prompt  # every variant sees the same (truncated) inputs
     first: tuple[list[Batch], Task, TaskRows] | None = None
     for task in cfg.tasks:
-        rows = task_rows(cfg, task, bench.tokenizer, bench.estimate, budget, bench.vocab_high)
+        rows = task_rows(cfg, task, bench.tokenizer, bench.estimate, budget, bench.vocab_high, bench.architecture)
         batches = real_batches(rows, bench.batch_size, count, cfg.seed)
         first = first or (batches, rows.task, rows)
         yield (
@@ -950,7 +1043,8 @@ def settings(bench: Bench) -> Iterator[tuple[Setting, Task, TaskRows]]:
     if first is None and cfg.fixed_lengths:
         raise ValueError("benchmark.fixed_lengths takes its labels from the first of benchmark.tasks: give one")
     for length in cfg.fixed_lengths:
-        batches = fixed_batches(first[0], length, bench.vocab_high, bench.tokenizer.eos_token_id, cfg.seed)
+        eos = None if bench.kind == CAUSAL else bench.tokenizer.eos_token_id  # a causal source has no EOS
+        batches = fixed_batches(first[0], length, bench.vocab_high, eos, cfg.seed)
         yield Setting(f"fixed {length}", "fixed", [to_device(b, bench.device) for b in batches]), first[1], first[2]
 
 
@@ -983,6 +1077,7 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
     console = Console(width=max(Console().width, 150))  # wide tables stay readable in logs and pipes
     report: dict[str, Any] = {
         "model": cfg.benchmark.model,
+        "kind": bench.kind,
         "device": str(bench.device),
         "precision": cfg.benchmark.precision,
         "batch_size": bench.batch_size,
@@ -1036,6 +1131,7 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
             bench.estimate,
             cfg.benchmark.max_length - bench.longest_prompt,
             bench.vocab_high,
+            bench.architecture,
         )
         console.log(f"data pipeline: {pipe.variant} on {pipe.task}")
         report["pipeline"] = pipeline_comparison(bench, rows)

@@ -25,7 +25,7 @@ def build_datamodule(
 
     `setup=False` reads nothing: the task and the training's truncation, for labelling new inputs (smop.predict).
     `kind`: the backbone's kind when the caller has read it already (else it is read from the model's config)."""
-    if kind is None and cfg.get("model") is not None:  # no `model` group: the benchmark's T5
+    if kind is None:
         kind = model_kind(cfg.model)
     options = {k: v for k, v in cfg.dataset.items() if k != "epochs"}  # `epochs` is read by the trainer config
     datamodule = instantiate(

@@ -15,19 +15,21 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
-from transformers import ByT5Tokenizer
+from transformers import ByT5Tokenizer, LlamaConfig
 
+from smop.backbones import CAUSAL, build_backbone, freeze
 from smop.benchmark import (
+    ANALYTIC_FLOPS,
     LiveTensorBytes,
     analytic_inference_flops,
-    build_t5,
+    causal_sequence,
     prompt_module_flops,
     run_benchmark,
     twin_on_same_weights,
 )
 from smop.costs import eager_attention, inference_flops
 from smop.data.tasks import Task
-from smop.methods import DecomposedPromptTuning, PromptTuning, PTuning, SparseMixtureOfPrompts
+from smop.methods import IDPG, DecomposedPromptTuning, PromptTuning, PTuning, SparseMixtureOfPrompts
 from smop.methods.lora import add_lora, has_lora, remove_lora
 from smop.methods.routers import LinearRouter
 from smop.module import PromptTuningSystem
@@ -72,6 +74,29 @@ SMALL = dict(
     pad_token_id=0,
     eos_token_id=1,
 )
+
+
+# Decoder-only shapes with random weights: GQA (2 key/value heads for 4 query heads), a head_dim that is not
+# hidden / heads, the Llama-shaped Qwen2 and Mistral, and GPT-2 (fused projections, LayerNorms that fvcore counts)
+CAUSAL_SMALL = dict(
+    vocab_size=300,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=1,
+)
+CAUSAL_SHAPES = {
+    "llama-gqa": {**CAUSAL_SMALL, "model_type": "llama"},
+    "llama-head-dim": {**CAUSAL_SMALL, "model_type": "llama", "head_dim": 16},
+    "qwen2": {**CAUSAL_SMALL, "model_type": "qwen2"},
+    "mistral": {**CAUSAL_SMALL, "model_type": "mistral"},
+    "gpt2": dict(model_type="gpt2", vocab_size=300, n_embd=48, n_layer=2, n_head=4, pad_token_id=0, eos_token_id=1),
+}
+TASK = Task("rte", "{premise}", ["a", "b"])
 
 
 def compose_benchmark(overrides: list[str]) -> DictConfig:
@@ -140,7 +165,7 @@ def test_module_entry_point_writes_into_its_hydra_output_dir(tmp_path):
 
 def test_analytic_flops_equal_fvcore_for_every_prompt_module():
     torch.manual_seed(0)  # a gated FFN here; the end-to-end run checks the ReLU one
-    backbone = build_t5({**SMALL, "feed_forward_proj": "gated-gelu"})
+    backbone = build_backbone("tiny", {**SMALL, "feed_forward_proj": "gated-gelu"})
     embedding = backbone.get_input_embeddings()
     prompts = [
         None,
@@ -164,6 +189,131 @@ def test_analytic_flops_equal_fvcore_for_every_prompt_module():
         length = 11 + (prompt.prompt_length if prompt is not None else 0)
         expected = analytic_inference_flops(backbone.config, length, 4) + prompt_module_flops(prompt, 3, 11)
         assert measured == pytest.approx(expected, rel=1e-9), type(prompt).__name__
+
+
+def padded_batch(rows: int = 3, width: int = 11, target: int = 4) -> dict[str, torch.Tensor]:
+    """Random ids with a short source (row 0) and a short target (row 1): the padded widths are what is computed."""
+    batch = {
+        "input_ids": torch.randint(3, 250, (rows, width)),
+        "attention_mask": torch.ones(rows, width, dtype=torch.long),
+        "labels": torch.randint(3, 250, (rows, target)),
+    }
+    batch["attention_mask"][0, 6:] = 0
+    batch["labels"][1, 2:] = -100
+    return batch
+
+
+@pytest.mark.parametrize("shape", CAUSAL_SHAPES)
+def test_causal_analytic_flops_equal_fvcore_over_prompt_source_and_target(shape):
+    """One pass over T = prompt + padded source + padded target positions, the LM head at every one of them."""
+    torch.manual_seed(0)
+    backbone = freeze(build_backbone("tiny", CAUSAL_SHAPES[shape]))
+    embedding = backbone.get_input_embeddings()
+    batch = padded_batch()
+    router = lambda **kw: LinearRouter(**kw)  # noqa: E731
+    for prompt in [None, PromptTuning(embedding, prompt_length=7), SparseMixtureOfPrompts(embedding, router, 3, 4)]:
+        system = PromptTuningSystem(backbone, ByT5Tokenizer(), TASK, prompt, optimizer=torch.optim.SGD)
+        with eager_attention(system):
+            measured = inference_flops(system, batch)
+        length = 11 + (prompt.prompt_length if prompt is not None else 0)
+        expected = ANALYTIC_FLOPS[CAUSAL](backbone.config, length, 4) + prompt_module_flops(prompt, 3, 11)
+        assert measured == pytest.approx(expected, rel=1e-12), (shape, type(prompt).__name__)
+
+
+def test_causal_analytic_flops_by_hand_and_none_for_an_unknown_model_type():
+    """The tiny Llama of configs/model/llama-tiny.yaml (d 128, f 256, V 384, one layer, 4 heads of 32, no GQA) over
+    T = 15 + 5 positions; with 2 key/value heads k and v cost half."""
+    config = LlamaConfig(
+        vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4
+    )
+    t, d = 20, 128
+    full = 4 * t * d * d + 2 * t * t * d + 3 * t * d * 256 + t * d * 384
+    assert ANALYTIC_FLOPS[CAUSAL](config, 15, 5) == full
+    config.num_key_value_heads = 2
+    assert ANALYTIC_FLOPS[CAUSAL](config, 15, 5) == full - 2 * t * d * d // 2
+    config.model_type = "no-such-model"
+    assert ANALYTIC_FLOPS[CAUSAL](config, 15, 5) is None  # "-" in the table, not a wrong figure
+
+
+def test_prompt_modules_report_their_own_analytic_flops():
+    """What the benchmark adds to the backbone's count, by hand (d = 32, a batch of 3 rows of 11 tokens)."""
+    torch.manual_seed(0)
+    backbone = build_backbone("tiny", SMALL)
+    embedding = backbone.get_input_embeddings()
+    top = lambda k: lambda **kw: LinearRouter(topk=k, **kw)  # noqa: E731
+    figures = {
+        "none": prompt_module_flops(None, 3, 11),
+        "prompt tuning": PromptTuning(embedding, prompt_length=7).analytic_flops(3, 11),
+        # the MLP d -> h -> h -> d over the 6 table rows, once a batch: 6 (32 16 + 16 16 + 16 32) / 3
+        "p-tuning": PTuning(embedding, prompt_length=6, hidden_size=16).analytic_flops(3, 11),
+        # the router d K, and the weighted sum of k prompts of L x d
+        "smop top-1": SparseMixtureOfPrompts(embedding, top(1), num_prompts=3, prompt_length=4).analytic_flops(3, 11),
+        "smop top-2": SparseMixtureOfPrompts(embedding, top(2), num_prompts=3, prompt_length=4).analytic_flops(3, 11),
+        # A[:11] B, r = 3, once a batch: 11 x 3 x 32 / 3
+        "dept": DecomposedPromptTuning(embedding, 5, rank=3, max_positions=16, init="random").analytic_flops(3, 11),
+        "idpg": IDPG(embedding, backbone, prompt_length=4).analytic_flops(3, 11),  # a whole encoder pass: no formula
+    }
+    assert figures == {
+        "none": 0.0,
+        "prompt tuning": 0.0,
+        "p-tuning": 2560.0,
+        "smop top-1": 32 * 3 + 4 * 32,
+        "smop top-2": 32 * 3 + 2 * 4 * 32,
+        "dept": 352.0,
+        "idpg": None,
+    }
+
+
+def test_benchmark_runs_on_a_causal_backbone_with_its_peers(tmp_path):
+    """benchmark.kind=causal: the tiny Llama, ours vs peft's causal prompt tuning vs the bare loop."""
+    variants = "[smop_4x5,pt_100,peft_pt_100,bare_pt_100,dept_60]"
+    causal = [
+        *(o for o in TINY if not o.startswith("benchmark.model=")),
+        "benchmark.kind=causal",
+        "benchmark.fixed_lengths=[24]",
+        f"benchmark.run_variants={variants}",
+    ]
+    report = run_benchmark(compose_benchmark([*causal, "benchmark.pipeline.max_batches=1"]), tmp_path)
+    assert report["kind"] == "causal" and report["model"] == "llama-tiny"
+    assert (tmp_path / "benchmark.md").read_text().startswith("# Benchmark: llama-tiny (causal, fp32, batch 4, cpu)")
+    for setting in report["settings"]:
+        v = setting["variants"]
+        assert all(x["step_time_s_median"] > 0 and x["peak_memory_bytes"] > 0 for x in v.values())
+        assert v["pt_100"]["trainable_params"] == v["peft_pt_100"]["trainable_params"] == 100 * 128
+        assert v["bare_pt_100"]["trainable_params"] == 100 * 128
+        for name in ("smop_4x5", "pt_100", "dept_60"):  # the causal formula + the module's, on the run's own batches
+            assert v[name]["analytic_flops_per_example"] == pytest.approx(v[name]["inference_flops_per_example"])
+        ratios = setting["ratios"]
+        assert ratios["flops_delta_rel_error"] < 1e-9 and ratios["smop_over_pt_flops"] < 1
+        assert ratios["ours_over_peft_step_time"] is not None and ratios["ours_over_bare_step_time"] is not None
+    # the max_length padding leaves room for the target of a causal row: 200 - 100 - 15 ("not_entailment" + EOS)
+    assert report["pipeline"]["max_length_input"] == 200 - 100 - 15
+    with pytest.raises(ValueError, match="t5-tiny is a seq2seq architecture, but benchmark.kind=causal"):
+        run_benchmark(compose_benchmark([*causal, "benchmark.model=t5-tiny"]), tmp_path / "refused")
+
+
+def test_peft_causal_prompt_tuning_computes_our_loss_on_unpadded_rows():
+    """The peer does the work ours does: on rows without padding, peft's prompt before [source ; target] with our
+    prompt's values gives our loss (same sequence, same positions), so timing them compares implementations."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    torch.manual_seed(0)
+    backbone = freeze(build_backbone("tiny", CAUSAL_SHAPES["llama-gqa"]))
+    prompt = PromptTuning(backbone.get_input_embeddings(), prompt_length=5)
+    system = PromptTuningSystem(backbone, ByT5Tokenizer(), TASK, prompt, optimizer=torch.optim.SGD).eval()
+    batch = padded_batch()
+    batch["attention_mask"][:] = 1
+    batch["labels"][1, 2:] = 7  # every target 4 tokens: no padding anywhere
+    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5)
+    peer = get_peft_model(twin_on_same_weights(backbone), config).eval()
+    with torch.no_grad():
+        peer.prompt_encoder["default"].embedding.weight.copy_(prompt.prompt)
+        ours, _, _ = system(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        theirs = peer(**causal_sequence(batch, pad_id=0)).loss
+    assert theirs == pytest.approx(ours.item(), rel=1e-5)
+    padded = causal_sequence(padded_batch(), pad_id=0)  # with padding: left-aligned, -100 but on the real target
+    assert padded["attention_mask"][0].tolist() == [0] * 5 + [1] * 10 and padded["attention_mask"][1, :2].sum() == 0
+    assert padded["labels"].ne(-100).sum(1).tolist() == [4, 2, 4] and padded["labels"][:, -1].ne(-100).all()
 
 
 def test_live_tensor_bytes_counts_new_storages_until_freed_and_not_views_or_in_place():
@@ -192,7 +342,7 @@ def test_live_tensor_bytes_sees_autograd_saved_tensors_and_gradients():
 
 def test_removing_lora_gives_back_the_bare_shared_backbone():
     """The benchmark trains LoRA + X on the backbone every other variant shares: afterwards it is as it was."""
-    model = build_t5(SMALL)
+    model = build_backbone("tiny", SMALL)
     before = {name: (type(module), id(module)) for name, module in model.named_modules()}
     add_lora(model, target_modules=["q", "v"])
     assert has_lora(model) and any("lora_A" in name for name, _ in model.named_parameters())
@@ -201,9 +351,15 @@ def test_removing_lora_gives_back_the_bare_shared_backbone():
     assert {name: (type(module), id(module)) for name, module in model.named_modules()} == before
 
 
-def test_peft_twin_uses_the_same_weight_storage():
-    model = build_t5(SMALL)
+@pytest.mark.parametrize("architecture", [SMALL, CAUSAL_SHAPES["llama-gqa"]], ids=["t5", "llama"])
+def test_peft_twin_uses_the_same_weight_storage_and_computes_the_same(architecture):
+    model = build_backbone("tiny", architecture).eval()
     twin = twin_on_same_weights(model)
-    ours = {p.data_ptr() for p in model.parameters()}
+    ours = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
     assert all(p.data_ptr() in ours for p in twin.parameters())
+    assert all(b.data_ptr() in ours for b in twin.buffers())  # Llama's rotary inv_freq is not in the state dict
     assert twin is not model and twin.config is not model.config
+    ids = torch.randint(3, 250, (2, 6))
+    inputs = {"input_ids": ids, "labels": ids} if model.config.is_encoder_decoder else {"input_ids": ids}
+    with torch.no_grad():
+        assert torch.equal(twin(**inputs).logits, model(**inputs).logits)

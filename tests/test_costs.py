@@ -17,8 +17,9 @@ def flops(make_cfg, *overrides) -> tuple[float, float]:
         return inference_flops(system, batch), train_step_flops(system, batch)
 
 
-def test_cost_fields_in_a_tiny_run(make_cfg):
-    results = run(make_cfg("trainer.max_epochs=1", "trainer.limit_train_batches=3", *SYNTHETIC))
+@pytest.mark.parametrize("model", ["t5-tiny", "llama-tiny"])  # a causal backbone's results.json: the same figures
+def test_cost_fields_in_a_tiny_run(make_cfg, model):
+    results = run(make_cfg(f"model={model}", "trainer.max_epochs=1", "trainer.limit_train_batches=3", *SYNTHETIC))
     cost = results["cost"]
     for name in (
         "train_time_s",

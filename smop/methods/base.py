@@ -54,6 +54,12 @@ class PromptModule(nn.Module, ABC):
         """Bring weights saved in an earlier layout of this module to the current one, in place; True if it did."""
         return False
 
+    def analytic_flops(self, rows: int, input_length: int) -> float | None:
+        """Multiply-adds per example of this module's own forward, as fvcore counts them (matmuls only), on a batch
+        of `rows` rows padded to `input_length` tokens: the benchmark adds it to the backbone's formula to check
+        fvcore. None: no formula (the benchmark then shows "-" rather than a wrong figure)."""
+        return None
+
     @property
     @abstractmethod
     def prompt_length(self) -> int:

@@ -128,6 +128,10 @@ class DecomposedPromptTuning(PromptModule):
             )
         return self.scaling * (self.lora_a[:length] @ self.lora_b)
 
+    def analytic_flops(self, rows: int, input_length: int) -> float:
+        """A[:n] B, once a batch (n = the padded input length): shared by its `rows` examples."""
+        return input_length * self.rank * self.lora_b.shape[1] / rows
+
     def param_groups(self) -> list[dict]:
         """Two learning rates: the prompt uses method.lr, A and B method.lr_lowrank; both the same decay and eps."""
         shared = {} if self.weight_decay is None else {"weight_decay": self.weight_decay}

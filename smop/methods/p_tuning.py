@@ -33,6 +33,11 @@ class PTuning(PromptModule):
     def prompt_length(self) -> int:
         return self.table.shape[0]
 
+    def analytic_flops(self, rows: int, input_length: int) -> float:
+        """The MLP over the L table rows, computed once a batch: shared by its `rows` examples."""
+        layers = [m for m in self.mlp if isinstance(m, nn.Linear)]
+        return self.prompt_length * sum(m.in_features * m.out_features for m in layers) / rows
+
     def forward(self, input_embeds: Tensor, attention_mask: Tensor) -> PromptOutput:
         # The MLP output does not depend on the input: computed once per batch, shared by its rows.
         prompt = self.mlp(self.table).to(input_embeds.dtype)

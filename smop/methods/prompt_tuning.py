@@ -24,6 +24,10 @@ class PromptTuning(PromptModule):
     def prompt_length(self) -> int:
         return self.prompt.shape[0]
 
+    def analytic_flops(self, rows: int, input_length: int) -> float:
+        """A static table: no arithmetic."""
+        return 0.0
+
     def forward(self, input_embeds: Tensor, attention_mask: Tensor) -> PromptOutput:
         batch = input_embeds.shape[0]
         return PromptOutput(self.prompt.to(input_embeds.dtype).unsqueeze(0).expand(batch, -1, -1))

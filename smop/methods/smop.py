@@ -70,6 +70,12 @@ class SparseMixtureOfPrompts(PromptModule):
             return True
         return False
 
+    def analytic_flops(self, rows: int, input_length: int) -> float:
+        """The router's linear layer (d x K; a router without one: 0) and the weighted sum of the k chosen prompts."""
+        num, length, d = self.per_prompt.shape
+        router = self.router.linear.in_features * num if hasattr(self.router, "linear") else 0
+        return float(router + getattr(self.router, "topk", 1) * length * d)
+
     def forward(self, input_embeds: Tensor, attention_mask: Tensor) -> PromptOutput:
         # routed in the prompts' precision: the frozen embeddings may be bfloat16 (model.dtype), the router is not
         routing = self.router(masked_mean(input_embeds.to(self.prompts.dtype), attention_mask))
