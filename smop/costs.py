@@ -16,6 +16,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,6 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
-
-from smop.methods.base import EncoderBatch
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -155,18 +154,18 @@ class _InferenceForward(nn.Module):
     """What inference costs per example: a seq2seq backbone's encoder over [prompt ; input] and decoder over the label
     length; a causal backbone's one pass over prompt, input and label."""
 
-    def __init__(self, system: nn.Module, encoder_batch: EncoderBatch | None = None) -> None:
+    def __init__(self, system: nn.Module, inputs: Mapping[str, Tensor]) -> None:
         super().__init__()
-        self.system, self.encoder_batch = system, encoder_batch
+        self.system, self.inputs = system, inputs
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        embeds, mask, _ = self.system.encoder_inputs(input_ids, attention_mask, self.encoder_batch)
+        embeds, mask, _ = self.system.encoder_inputs(input_ids, attention_mask, self.inputs)
         return self.system.kind.inference_logits(self.system.backbone, embeds, mask, labels)
 
 
 def inference_flops(system: nn.Module, batch: dict[str, Tensor]) -> float:
     """fvcore FLOPs (multiply-adds) of one inference forward, per example of `batch`."""
-    wrapper = _InferenceForward(system, EncoderBatch.of(batch))
+    wrapper = _InferenceForward(system, system.prompt_inputs(batch))
     was_training = system.training
     system.eval()
     try:
@@ -189,7 +188,9 @@ def train_step_flops(system: nn.Module, batch: dict[str, Tensor]) -> float:
     system.train()
     try:
         with FlopCounterMode(display=False) as counter:
-            loss, _, _ = system(batch["input_ids"], batch["attention_mask"], batch["labels"], EncoderBatch.of(batch))
+            loss, _, _ = system(
+                batch["input_ids"], batch["attention_mask"], batch["labels"], system.prompt_inputs(batch)
+            )
             loss.backward()
     finally:
         system.zero_grad(set_to_none=True)

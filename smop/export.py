@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from safetensors.torch import save_file
@@ -49,24 +48,10 @@ from smop.loading import (
     hydra_cli,
     read_checkpoint,
 )
-from smop.methods import PromptModule, PromptTuning, PTuning
 from smop.results import versions
 
 log = logging.getLogger(__name__)
 WRITTEN = (PROMPT_WEIGHTS, CONFIG, MANIFEST, PEFT_PROMPT, PEFT_LORA, FULL_MODEL)
-
-
-def static_prompt(prompt: PromptModule | None) -> Tensor | None:
-    """The [L, d] prompt of a method whose prompt does not depend on the input, else None.
-
-    Prompt tuning (and FPT) is its table; P-tuning's MLP is a training-time reparameterisation, so its
-    prompt at inference is the MLP's output. Routed, instance and DePT prompts depend on the input."""
-    with torch.no_grad():
-        if type(prompt) is PromptTuning:
-            return prompt.prompt.detach().float().clone()
-        if type(prompt) is PTuning:
-            return prompt.mlp(prompt.table).detach().float().clone()
-    return None
 
 
 def peft_base_name(config: dict[str, Any]) -> str | None:
@@ -145,7 +130,7 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, source: dict[str, Any
         state = {key: value.detach().cpu().contiguous() for key, value in system.prompt.state_dict().items()}
         save_file(state, str(out_dir / PROMPT_WEIGHTS), metadata={"format": FORMAT, "method": method})
         files["prompt"] = PROMPT_WEIGHTS
-        table = static_prompt(system.prompt)
+        table = system.prompt.static_prompt()  # prompt tuning, P-tuning's MLP output; None: depends on the input
         if table is not None:
             (out_dir / PEFT_PROMPT).mkdir()
             write_peft_prompt(out_dir / PEFT_PROMPT, table, loaded)

@@ -28,7 +28,6 @@ from smop.builders import build_datamodule, build_system
 from smop.data import SuperGLUEDataModule, Task
 from smop.data.datamodule import encode
 from smop.methods import current_targets
-from smop.methods.base import EncoderBatch
 from smop.metrics import to_label_index
 from smop.module import PromptTuningSystem
 
@@ -67,12 +66,10 @@ class LoadedModel:
             self.task, self.datamodule.tokenizer, list(examples), self.datamodule.budget, self.datamodule.causal
         )
 
-    def encoder_batch(self, examples: Sequence[dict[str, Any]]) -> EncoderBatch | None:
-        """The examples as a separate encoder reads them (IDPG/LoPA with method.encoder=<model>), else None."""
-        if self.datamodule.encoder_tokenizer is None:
-            return None
-        features = self.datamodule.encoder_features(list(examples))
-        return EncoderBatch.of({key: value.to(self.device) for key, value in features.items()})
+    def prompt_inputs(self, examples: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+        """What the prompt module reads of these examples besides the backbone's ids (a separate encoder's own ids)."""
+        features = self.datamodule.extra_features(list(examples))
+        return dict(self.system.prompt_inputs({key: value.to(self.device) for key, value in features.items()}))
 
     @torch.no_grad()
     def generate(
@@ -85,7 +82,7 @@ class LoadedModel:
         the first stop string."""
         decoding = decoding or Decoding()
         input_ids, attention_mask = pad_inputs(self.encode(examples), self.datamodule.tokenizer.pad_token_id)
-        inputs = (input_ids.to(self.device), attention_mask.to(self.device), self.encoder_batch(examples))
+        inputs = (input_ids.to(self.device), attention_mask.to(self.device), self.prompt_inputs(examples))
         texts, _ = self.system.generate_texts(*inputs, decoding=decoding, generator=generator)
         n = decoding.num_return_sequences
         return [texts[i * n : (i + 1) * n] for i in range(len(examples))]

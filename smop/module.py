@@ -5,7 +5,7 @@ What differs between the backbone kinds (where the prompted input goes, the loss
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning as L
@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 from smop.backbones import freeze, kind_of
 from smop.backbones.decoding import Decoding, truncate_at_stop
 from smop.data.tasks import Task
-from smop.methods.base import EncoderBatch, PromptModule, PromptOutput
+from smop.methods.base import NO_INPUTS, PromptModule, PromptOutput
 from smop.methods.lora import add_lora
 from smop.metrics import RoutingCounts, TaskMetrics, to_label_index
 
@@ -101,31 +101,39 @@ class PromptTuningSystem(L.LightningModule):
                     module.train(mode)
         return self
 
+    def prompt_inputs(self, batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """The batch fields the prompt module declares (`batch_inputs`), or an error naming the missing ones."""
+        names = self.prompt.batch_inputs if self.prompt is not None else ()
+        missing = [name for name in names if name not in batch]
+        if missing:
+            raise ValueError(
+                f"the {type(self.prompt).__name__} prompt reads batch fields {missing}, which this batch lacks: build "
+                "the DataModule with smop.builders.build_datamodule (it collates what the method declares)"
+            )
+        return {name: batch[name] for name in names}
+
     def encoder_inputs(
-        self, input_ids: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None
+        self, input_ids: Tensor, attention_mask: Tensor, inputs: Mapping[str, Tensor] = NO_INPUTS
     ) -> tuple[Tensor, Tensor, PromptOutput | None]:
         """[P ; E[x]] and the mask with ones for the prompt, from the source alone (never the target): the encoder input
         of a seq2seq backbone (its decoder is untouched), the start of a causal one's sequence (`self.kind` places it).
 
-        `encoder_batch`: the input as a separate encoder's tokenizer reads it, for the prompt modules that have one."""
+        `inputs`: the batch fields the prompt module declares (`batch_inputs`: a separate encoder's own ids)."""
         embeds = self.backbone.get_input_embeddings()(input_ids)
         if self.prompt is None:
             return embeds, attention_mask, None
-        if encoder_batch is None:
-            out = self.prompt(embeds, attention_mask)
-        else:
-            out = self.prompt(embeds, attention_mask, encoder_batch)
+        out = self.prompt(embeds, attention_mask, inputs)
         if out.input_embeds is not None:
             embeds = out.input_embeds
         ones = attention_mask.new_ones(attention_mask.shape[0], out.prompt.shape[1])
         return torch.cat([out.prompt, embeds], dim=1), torch.cat([ones, attention_mask], dim=1), out
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, encoder_batch: EncoderBatch | None = None
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, inputs: Mapping[str, Tensor] = NO_INPUTS
     ) -> tuple[Tensor, Tensor, PromptOutput | None]:
         """Task loss over the target tokens (plus the prompt module's auxiliary loss), the logits that predict the
         target [B, t, V], prompt output."""
-        embeds, mask, out = self.encoder_inputs(input_ids, attention_mask, encoder_batch)
+        embeds, mask, out = self.encoder_inputs(input_ids, attention_mask, inputs)
         task_loss, logits = self.kind.loss(self.backbone, embeds, mask, labels)
         loss = task_loss if out is None or out.aux_loss is None else task_loss + out.aux_loss
         return loss, logits, out
@@ -135,14 +143,14 @@ class PromptTuningSystem(L.LightningModule):
         self,
         input_ids: Tensor,
         attention_mask: Tensor,
-        encoder_batch: EncoderBatch | None = None,
+        inputs: Mapping[str, Tensor] = NO_INPUTS,
         decoding: Decoding | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[list[str], PromptOutput | None]:
         """The new text of each row (greedy unless `decoding` samples; num_return_sequences n gives B * n texts, rows
         i*n .. i*n+n-1 for example i), cut before the first stop string; and the prompt output."""
         decoding = decoding or Decoding()
-        embeds, mask, out = self.encoder_inputs(input_ids, attention_mask, encoder_batch)
+        embeds, mask, out = self.encoder_inputs(input_ids, attention_mask, inputs)
         generated = self.kind.generate(
             self.backbone, embeds, mask, self.max_new_tokens, self.tokenizer, decoding, generator
         )
@@ -151,19 +159,19 @@ class PromptTuningSystem(L.LightningModule):
 
     @torch.no_grad()
     def predict_labels(
-        self, input_ids: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None
+        self, input_ids: Tensor, attention_mask: Tensor, inputs: Mapping[str, Tensor] = NO_INPUTS
     ) -> tuple[Tensor, PromptOutput | None]:
         """Greedy generation, normalised exact match to a label word (-1: no label word)."""
-        texts, out = self.generate_texts(input_ids, attention_mask, encoder_batch)
+        texts, out = self.generate_texts(input_ids, attention_mask, inputs)
         return to_label_index(texts, self.task.label_words).to(input_ids.device), out
 
     # --- steps -------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        encoder_batch = EncoderBatch.of(batch)
-        loss, logits, out = self(batch["input_ids"], batch["attention_mask"], batch["labels"], encoder_batch)
+        inputs = self.prompt_inputs(batch)
+        loss, logits, out = self(batch["input_ids"], batch["attention_mask"], batch["labels"], inputs)
         weight = self.prompt.consistency_weight if self.prompt is not None else 0.0
         if weight > 0:  # stochastic routing: a second pass with other random prompts, and agreement between them
-            loss_b, logits_b, _ = self(batch["input_ids"], batch["attention_mask"], batch["labels"], encoder_batch)
+            loss_b, logits_b, _ = self(batch["input_ids"], batch["attention_mask"], batch["labels"], inputs)
             loss = loss + loss_b + weight * consistency_loss(logits, logits_b)
         self._stop_if_not_finite(loss)
         self._count_routes("train", out)
@@ -183,7 +191,7 @@ class PromptTuningSystem(L.LightningModule):
             )
 
     def _eval_step(self, split: str, batch: dict[str, Tensor]) -> None:
-        preds, out = self.predict_labels(batch["input_ids"], batch["attention_mask"], EncoderBatch.of(batch))
+        preds, out = self.predict_labels(batch["input_ids"], batch["attention_mask"], self.prompt_inputs(batch))
         self.task_metrics[_key(split)].update(preds, batch["label_index"], batch["group"])
         self._count_routes(split, out)
 

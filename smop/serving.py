@@ -41,7 +41,7 @@ from smop.loading import (
     seeded,
     with_model,
 )
-from smop.methods.base import EncoderBatch
+from smop.methods.base import NO_INPUTS
 from smop.metrics import to_label_index
 
 
@@ -54,8 +54,8 @@ class TaskSpec:
     max_new_tokens: int
     source: Path
     causal: bool  # a decoder-only backbone: the source is encoded without EOS, as in training
-    # a separate encoder's padded ids of a list of records (IDPG/LoPA with method.encoder=<model>), else None
-    encoder_features: Callable[[list[dict[str, Any]]], dict[str, Tensor]] | None = None
+    # what a batch of records carries besides the backbone's ids (a separate encoder's padded ids), by field name
+    extra_features: Callable[[list[dict[str, Any]]], dict[str, Tensor]]
 
 
 @dataclass
@@ -63,7 +63,7 @@ class MixedBatch:
     input_ids: Tensor  # [B, n], right-padded
     attention_mask: Tensor  # [B, n]
     tasks: list[str]  # the task of each row
-    encoder_batches: dict[str, EncoderBatch] = field(default_factory=dict)  # per task with its own encoder, its rows
+    inputs: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # per task, its rows' extra fields (if any)
 
 
 @dataclass
@@ -104,9 +104,13 @@ class PromptServer(nn.Module):
             load_prompt_weights(prompt, folder / manifest["files"].get("prompt", PROMPT_WEIGHTS))
             self.prompts[name] = prompt
             datamodule = build_datamodule(cfg, self.tokenizer, setup=False)
-            features = datamodule.encoder_features if datamodule.encoder_tokenizer is not None else None
             self.specs[name] = TaskSpec(
-                datamodule.task, datamodule.budget, datamodule.max_target_length, folder, datamodule.causal, features
+                datamodule.task,
+                datamodule.budget,
+                datamodule.max_target_length,
+                folder,
+                datamodule.causal,
+                datamodule.extra_features,
             )
         self.requires_grad_(False)
         self.to(resolve_device(device)).eval()
@@ -166,18 +170,17 @@ class PromptServer(nn.Module):
         """Tokenize (task, record) rows, each with its own task's template and truncation, into one padded batch."""
         tasks = [name for name, _ in rows]
         ids: list[list[int]] = [[] for _ in rows]
-        encoder_batches: dict[str, EncoderBatch] = {}
+        inputs: dict[str, dict[str, Tensor]] = {}
         for name, index in self._rows_of(tasks).items():
             spec = self.specs[name]
             examples = [rows[i][1] for i in index.tolist()]
             encoded = encode(spec.task, self.tokenizer, examples, spec.budget, spec.causal)
             for i, row_ids in zip(index.tolist(), encoded, strict=True):
                 ids[i] = row_ids
-            if spec.encoder_features is not None:  # its own encoder, its own tokenizer: one padded block per task
-                features = {key: value.to(self.device) for key, value in spec.encoder_features(examples).items()}
-                encoder_batches[name] = EncoderBatch.of(features)
+            extra = spec.extra_features(examples)  # e.g. its own encoder's ids: one padded block per task
+            inputs[name] = {key: value.to(self.device) for key, value in extra.items()}
         input_ids, attention_mask = pad_inputs(ids, self.tokenizer.pad_token_id)
-        return MixedBatch(input_ids.to(self.device), attention_mask.to(self.device), tasks, encoder_batches)
+        return MixedBatch(input_ids.to(self.device), attention_mask.to(self.device), tasks, inputs)
 
     def encoder_inputs(self, batch: MixedBatch) -> tuple[Tensor, Tensor, int]:
         """[left-padded prompt ; input embeddings] and its mask: each prompt module called once on its rows."""
@@ -185,8 +188,7 @@ class PromptServer(nn.Module):
         inputs = embeds.clone()
         prompts: dict[str, tuple[Tensor, Tensor]] = {}
         for name, index in self._rows_of(batch.tasks).items():
-            extra = (batch.encoder_batches[name],) if name in batch.encoder_batches else ()
-            out = self.prompts[name](embeds[index], batch.attention_mask[index], *extra)
+            out = self.prompts[name](embeds[index], batch.attention_mask[index], batch.inputs.get(name, NO_INPUTS))
             if out.input_embeds is not None:  # e.g. DePT's position-wise update of the input embeddings
                 inputs[index] = out.input_embeds
             prompts[name] = (index, out.prompt)

@@ -33,7 +33,6 @@ from smop.costs import eager_attention, inference_flops, train_step_flops
 from smop.data.synthetic import synthetic_mixture
 from smop.export import export
 from smop.loading import load, pad_inputs
-from smop.methods.base import EncoderBatch
 from smop.methods.instance import PretrainedEncoder, encoder_tokenizer, pool
 from smop.methods.smop import masked_mean
 from smop.run import run
@@ -177,7 +176,7 @@ def encoders(tmp_path_factory) -> dict[str, Path]:
 
 def encoder_prompts(system, batch, embeds=None) -> torch.Tensor:
     embeds = system.backbone.get_input_embeddings()(batch["input_ids"]) if embeds is None else embeds
-    return system.prompt(embeds, batch["attention_mask"], EncoderBatch.of(batch)).prompt
+    return system.prompt(embeds, batch["attention_mask"], system.prompt_inputs(batch)).prompt
 
 
 def expected_pooling(output, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -214,7 +213,7 @@ def test_separate_encoder_prompts_read_its_own_ids_differ_and_are_deterministic(
         first, second = encoder_prompts(system, batch), encoder_prompts(system, batch)
         # the instance vector comes from the encoder's own ids alone, not from the backbone's embeddings
         unrelated = encoder_prompts(system, batch, torch.zeros(*batch["input_ids"].shape, D))
-        pooled = system.prompt.pooled(None, None, EncoderBatch.of(batch))
+        pooled = system.prompt.pooled(None, None, system.prompt_inputs(batch))
         model = system.prompt.encoder.model
         output = model(input_ids=batch["encoder_input_ids"], attention_mask=mask)
     assert isinstance(model, {"bert": BertModel, "t5": T5Stack, "gpt2": GPT2Model}[encoder])  # T5: its encoder
@@ -242,7 +241,7 @@ def test_separate_encoder_is_frozen_in_eval_mode_and_out_of_checkpoints(make_cfg
     optimizer = torch.optim.AdamW(system.param_groups(), lr=1e-2)
     system.train()
     assert not any(m.training for m in encoder.modules())  # no dropout in the frozen encoder
-    system(batch["input_ids"], batch["attention_mask"], batch["labels"], EncoderBatch.of(batch))[0].backward()
+    system(batch["input_ids"], batch["attention_mask"], batch["labels"], system.prompt_inputs(batch))[0].backward()
     optimizer.step()
     assert all(torch.equal(p, encoder_weights[name]) for name, p in encoder.named_parameters())
     assert not any(
@@ -267,7 +266,7 @@ def test_a_fine_tuned_encoder_trains_at_its_own_lr_with_dropout_and_is_checkpoin
     optimizer = torch.optim.AdamW(system.param_groups(), lr=1e-2)
     system.train()
     assert any(m.training for m in encoder.modules())  # its dropout is live while it trains
-    system(batch["input_ids"], batch["attention_mask"], batch["labels"], EncoderBatch.of(batch))[0].backward()
+    system(batch["input_ids"], batch["attention_mask"], batch["labels"], system.prompt_inputs(batch))[0].backward()
     optimizer.step()
     assert not all(torch.equal(p, before[name]) for name, p in encoder.named_parameters())
     system.eval()
@@ -365,7 +364,7 @@ def test_a_run_with_a_separate_encoder_checkpoints_exports_predicts_and_serves(m
     input_ids, attention_mask = pad_inputs(from_folder.encode(examples), 0)
     with torch.no_grad():
         inputs = [
-            loaded.system.encoder_inputs(input_ids, attention_mask, loaded.encoder_batch(examples))[0]
+            loaded.system.encoder_inputs(input_ids, attention_mask, loaded.prompt_inputs(examples))[0]
             for loaded in (from_checkpoint, from_folder)
         ]
         inputs.append(server.encoder_inputs(server.batch([("mix", example) for example in examples]))[0])
@@ -432,7 +431,7 @@ def test_auto_pooling_follows_the_encoders_kind(make_cfg, encoders, encoder, poo
     assert system.prompt.encoder.pooling == pooling
     if encoder == "clip":  # what auto picked is what it computes: rows of norm 1
         with torch.no_grad():
-            pooled = system.prompt.pooled(None, None, EncoderBatch.of(batch))
+            pooled = system.prompt.pooled(None, None, system.prompt_inputs(batch))
         torch.testing.assert_close(pooled.norm(dim=-1), torch.ones(pooled.shape[0]))
 
 

@@ -184,3 +184,60 @@ def test_stochastic_router_with_consistency_runs_two_passes(make_cfg):
     loss = system.training_step(batch, 0)
     single, _, _ = system(batch["input_ids"], batch["attention_mask"], batch["labels"])
     assert loss > single  # CE1 + CE2 + alpha * KL: more than one pass's loss
+
+
+class _ReadsExtraIds(torch.nn.Module):
+    """A prompt module that declares an extra batch field and records what it was handed."""
+
+    batch_inputs = ("extra_input_ids", "extra_attention_mask")
+
+    def __init__(self, prompt) -> None:
+        super().__init__()
+        self.inner, self.seen = prompt, []
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, input_embeds, attention_mask, inputs):
+        self.seen.append(dict(inputs))
+        return self.inner(input_embeds, attention_mask)
+
+
+def test_a_declared_extra_field_is_collated_generically_and_handed_to_the_prompt(make_cfg):
+    """Any `<prefix>input_ids` field of the rows is padded with its mask by the DataModule, and the system gives
+    the prompt module exactly the fields it declares; a batch without them is refused by name."""
+    from smop.backbones import build_tokenizer
+    from smop.builders import build_datamodule
+
+    cfg = make_cfg("method=prompt_tuning", "method.prompt_length=4", *SYNTHETIC)
+    system, _ = build(cfg)
+    datamodule = build_datamodule(cfg, build_tokenizer(cfg.model.name_or_path))
+    rows = [
+        dict(row, extra_input_ids=list(range(1, n + 1)))
+        for row, n in zip(datamodule.splits["train"][:2], (3, 1), strict=True)
+    ]
+    batch = datamodule.collate(rows)
+    assert batch["extra_input_ids"].tolist() == [[1, 2, 3], [1, 0, 0]]
+    assert batch["extra_attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    system.prompt = _ReadsExtraIds(system.prompt)
+    system.training_step(batch, 0)
+    assert set(system.prompt.seen[-1]) == {"extra_input_ids", "extra_attention_mask"}
+    assert torch.equal(system.prompt.seen[-1]["extra_input_ids"], batch["extra_input_ids"])
+    without = {key: value for key, value in batch.items() if not key.startswith("extra_")}
+    with pytest.raises(ValueError, match=r"reads batch fields \['extra_input_ids', 'extra_attention_mask'\]"):
+        system.training_step(without, 0)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "smop", "dept"])
+def test_export_asks_the_module_for_its_static_prompt(make_cfg, method):
+    system, batch = build(make_cfg(f"method={method}", "method.prompt_length=4", *SYNTHETIC))
+    table = system.prompt.static_prompt()
+    if method in ("smop", "dept"):  # routed / input-updating prompts depend on the input
+        assert table is None
+        return
+    embeds = system.backbone.get_input_embeddings()(batch["input_ids"])
+    prompt = system.prompt(embeds, batch["attention_mask"]).prompt
+    assert table.shape == (4, embeds.shape[-1]) and torch.allclose(prompt[0].float(), table)

@@ -192,9 +192,21 @@ class SuperGLUEDataModule(L.LightningDataModule):
                 {"input_ids": ids, "labels": targets[ex["label"]], "label_index": ex["label"], "group": ex["group"]}
                 for ids, ex in zip(inputs, examples, strict=True)
             ]
-            if self.encoder_tokenizer is not None:
-                for row, ids in zip(self.splits[split], self.encoder_ids(examples), strict=True):
-                    row["encoder_input_ids"] = ids
+            for name, sequences in self.extra_ids(examples).items():
+                for row, ids in zip(self.splits[split], sequences, strict=True):
+                    row[name] = ids
+
+    def extra_ids(self, examples: list[dict[str, Any]]) -> dict[str, list[list[int]]]:
+        """The id sequences besides the backbone's that the method reads, per example, by field name (`*input_ids`):
+        a separate encoder's own ids (IDPG/LoPA with method.encoder=<model>). `collate` pads each with its mask."""
+        if self.encoder_tokenizer is None:
+            return {}
+        return {"encoder_input_ids": self.encoder_ids(examples)}
+
+    def extra_pad_id(self, name: str) -> int:
+        """The padding id of an extra sequence field (the mask hides the padding whatever its id)."""
+        tokenizer = self.encoder_tokenizer if name == "encoder_input_ids" else self.tokenizer
+        return (tokenizer.pad_token_id if tokenizer is not None else None) or 0
 
     def encoder_ids(self, examples: list[dict[str, Any]]) -> list[list[int]]:
         """The formatted examples as the separate encoder's tokenizer reads them. A long one keeps its END, as in the
@@ -203,17 +215,26 @@ class SuperGLUEDataModule(L.LightningDataModule):
         tokenizer = self.encoder_tokenizer
         return tokenizer(texts, truncation=True, max_length=tokenizer.model_max_length).input_ids
 
-    def encoder_features(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """What a batch of these examples carries for the separate encoder (labelling new inputs)."""
-        return self.pad_encoder_ids(self.encoder_ids(examples))
+    def extra_features(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """What a batch of these raw examples carries besides the backbone's ids (labelling new inputs)."""
+        columns = self.extra_ids(examples)
+        return self.pad_extra(
+            [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        )
 
-    def pad_encoder_ids(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
-        """`encoder_input_ids` padded to the longest row and `encoder_attention_mask`, as a batch carries them."""
-        rows = [torch.tensor(row, dtype=torch.long) for row in ids]
-        pad_id = self.encoder_tokenizer.pad_token_id or 0  # the mask hides the padding whatever its id
-        padded = pad_sequence(rows, batch_first=True, padding_value=pad_id)
-        mask = (torch.arange(padded.shape[1]) < torch.tensor([len(row) for row in rows])[:, None]).long()
-        return {"encoder_input_ids": padded, "encoder_attention_mask": mask}
+    def pad_extra(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Each extra id sequence of the rows (a `<prefix>input_ids` field other than `input_ids`) padded to its
+        longest row, with its `<prefix>attention_mask`: whatever a method declares, collated the same way."""
+        batch = {}
+        for name in [key for key in (rows[0] if rows else {}) if key.endswith("input_ids") and key != "input_ids"]:
+            sequences = [torch.tensor(row[name], dtype=torch.long) for row in rows]
+            padded = pad_sequence(sequences, batch_first=True, padding_value=self.extra_pad_id(name))
+            lengths = torch.tensor([len(sequence) for sequence in sequences])
+            batch[name] = padded
+            batch[name.removesuffix("input_ids") + "attention_mask"] = (
+                torch.arange(padded.shape[1]) < lengths[:, None]
+            ).long()
+        return batch
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad to the longest row of this batch, not to max_length."""
@@ -228,8 +249,7 @@ class SuperGLUEDataModule(L.LightningDataModule):
             "label_index": torch.tensor([row["label_index"] for row in rows]),
             "group": torch.tensor([row["group"] for row in rows]),
         }
-        if "encoder_input_ids" in rows[0]:
-            batch.update(self.pad_encoder_ids([row["encoder_input_ids"] for row in rows]))
+        batch.update(self.pad_extra(rows))
         return batch
 
     def _world(self) -> tuple[int, int]:

@@ -6,6 +6,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import Tensor, nn
@@ -24,19 +25,7 @@ class PromptOutput:
     input_embeds: Tensor | None = None  # [B, n, d] replaces the input embeddings when set (e.g. DePT's update)
 
 
-@dataclass
-class EncoderBatch:
-    """The batch as a separate encoder's own tokenizer reads it (IDPG/LoPA with `method.encoder=<model>`)."""
-
-    input_ids: Tensor  # [B, n'] right-padded ids of that tokenizer
-    attention_mask: Tensor  # [B, n']
-
-    @classmethod
-    def of(cls, batch: Mapping[str, Tensor]) -> EncoderBatch | None:
-        """From a DataModule batch's `encoder_input_ids`/`encoder_attention_mask`; None when it has none."""
-        if "encoder_input_ids" not in batch:
-            return None
-        return cls(batch["encoder_input_ids"], batch["encoder_attention_mask"])
+NO_INPUTS: Mapping[str, Tensor] = MappingProxyType({})
 
 
 class PromptModule(nn.Module, ABC):
@@ -45,6 +34,9 @@ class PromptModule(nn.Module, ABC):
     routes: bool = False  # whether the method routes instances (only then is a `router` config allowed)
     needs_backbone: bool = False  # the constructor takes `backbone=` (e.g. to encode the input with it)
     consistency_weight: float = 0.0  # > 0: the system adds a two-pass consistency loss in training
+    # the batch fields, besides the input ids and mask, that the module reads (a separate encoder's own ids): the
+    # DataModule collates them, the system hands them to `forward` as `inputs`
+    batch_inputs: tuple[str, ...] = ()
 
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups; a group without "lr" uses the optimizer's (method.lr)."""
@@ -65,14 +57,17 @@ class PromptModule(nn.Module, ABC):
     def prompt_length(self) -> int:
         """Number of prompt vectors prepended to every input."""
 
+    def static_prompt(self) -> Tensor | None:
+        """The [L, d] prompt every input gets (float32, detached) when it does not depend on the input, else None.
+        Export writes it as a peft prompt-tuning folder."""
+        return None
+
     @abstractmethod
     def forward(
-        self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None
+        self, input_embeds: Tensor, attention_mask: Tensor, inputs: Mapping[str, Tensor] = NO_INPUTS
     ) -> PromptOutput:
-        """Prompts for a batch, from its (frozen) input embeddings [B, n, d] and mask [B, n].
-
-        `encoder_batch` is given only when the batch has one, i.e. only to modules with their own encoder
-        (instance prompts with a separate encoder); the other methods may leave it out of their signature."""
+        """Prompts for a batch, from its (frozen) input embeddings [B, n, d] and mask [B, n]; `inputs` holds the
+        batch fields named in `batch_inputs` (none for most methods)."""
 
 
 def init_prompt(

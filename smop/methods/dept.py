@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from smop.methods.base import PromptModule, PromptOutput, init_prompt
+from smop.methods.base import NO_INPUTS, PromptModule, PromptOutput, init_prompt
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,9 @@ class DecomposedPromptTuning(PromptModule):
         lowrank = {} if self.lr_lowrank is None else {"lr": self.lr_lowrank}
         return [{"params": [self.prompt], **shared}, {"params": [self.lora_a, self.lora_b], **lowrank, **shared}]
 
-    def forward(self, input_embeds: Tensor, attention_mask: Tensor) -> PromptOutput:
+    def forward(
+        self, input_embeds: Tensor, attention_mask: Tensor, inputs: Mapping[str, Tensor] = NO_INPUTS
+    ) -> PromptOutput:
         embeds = input_embeds + self.update(input_embeds.shape[1]).to(input_embeds.dtype)
         prompt = self.prompt.to(input_embeds.dtype).unsqueeze(0).expand(input_embeds.shape[0], -1, -1)
         return PromptOutput(prompt, input_embeds=embeds)

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from smop.costs import eager_attention, inference_flops, train_step_flops
-from smop.methods.base import EncoderBatch
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +217,7 @@ class PartialT5:
                 labels = batch["labels"]
                 if hasattr(system, "encoder_inputs"):
                     ids, attention = batch["input_ids"], batch["attention_mask"]
-                    embeds, mask, _ = system.encoder_inputs(ids, attention, EncoderBatch.of(batch))
+                    embeds, mask, _ = system.encoder_inputs(ids, attention, system.prompt_inputs(batch))
                 else:
                     embeds, mask = system.backbone.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"]
                 masks["encoder"], masks["decoder"] = mask, (labels != -100)

@@ -19,6 +19,7 @@ How x is pooled (`method.encoder_pooling`, POOLINGS): `auto` picks the reference
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from smop.backbones import HubUnreachableError
-from smop.methods.base import EncoderBatch, PromptModule, PromptOutput, init_prompt
+from smop.methods.base import NO_INPUTS, PromptModule, PromptOutput, init_prompt
 from smop.methods.smop import masked_mean
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ BACKBONE = "backbone"
 # auto: by the encoder's kind (auto_pooling) | mean: over the real tokens | cls: the first token | pooler: the model's
 # pooler output, L2-normalised (CodeSage in the reference) | last: the last real token (decoder-only encoders)
 POOLINGS = ("auto", "mean", "cls", "pooler", "last")
+ENCODER_INPUTS = ("encoder_input_ids", "encoder_attention_mask")  # a separate encoder's own ids, per batch
 ENCODER_MAX_LENGTH = 512  # the reference's encoder inputs: at most 512 ids, specials included
 
 
@@ -129,7 +131,7 @@ class BackboneEncoder:
         self.pooling = ("last" if causal else "mean") if pooling == "auto" else pooling
 
     @torch.no_grad()
-    def __call__(self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None) -> Tensor:
+    def __call__(self, input_embeds: Tensor, attention_mask: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
         output = self.encoder(inputs_embeds=input_embeds, attention_mask=attention_mask)
         return pool(output, attention_mask, self.pooling)
 
@@ -161,16 +163,16 @@ class PretrainedEncoder(nn.Module):
         """A frozen encoder stays in eval mode (no dropout), whatever the system is switched to."""
         return super().train(mode and self.trainable)
 
-    def forward(self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None) -> Tensor:
-        if encoder_batch is None:
+    def forward(self, input_embeds: Tensor, attention_mask: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
+        if ENCODER_INPUTS[0] not in inputs:
             raise ValueError(
                 f"method.encoder={self.name} reads the input through its own tokenizer, but the batch has no "
                 "encoder_input_ids: build the DataModule with encoder_tokenizer=smop.methods.instance."
                 "encoder_tokenizer(method.encoder) (smop.builders.build_datamodule does)"
             )
-        mask = encoder_batch.attention_mask
+        ids, mask = (inputs[name] for name in ENCODER_INPUTS)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            output = self.model(input_ids=encoder_batch.input_ids, attention_mask=mask)
+            output = self.model(input_ids=ids, attention_mask=mask)
         return pool(output, mask, self.pooling)
 
 
@@ -217,6 +219,7 @@ class InstancePrompt(PromptModule):
             self.encoder: BackboneEncoder | PretrainedEncoder = BackboneEncoder(backbone, pooling)
         else:
             self.encoder = PretrainedEncoder(encoder, pooling, trainable=train_encoder)
+            self.batch_inputs = ENCODER_INPUTS  # its own tokenizer's ids: the DataModule collates them
         self.length, self.encoder_lr, self.weight_decay = prompt_length, encoder_lr, weight_decay
 
     @property
@@ -248,10 +251,10 @@ class InstancePrompt(PromptModule):
         decay = {} if self.weight_decay is None else {"weight_decay": self.weight_decay}
         return [{**group, **decay} for group in groups]
 
-    def pooled(self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None) -> Tensor:
+    def pooled(self, input_embeds: Tensor, attention_mask: Tensor, inputs: Mapping[str, Tensor] = NO_INPUTS) -> Tensor:
         """[B, h] in the generators' dtype (the encoder may run in another precision)."""
         dtype = next(p.dtype for name, p in self.named_parameters() if not name.startswith("encoder."))
-        return self.encoder(input_embeds, attention_mask, encoder_batch).to(dtype)
+        return self.encoder(input_embeds, attention_mask, inputs).to(dtype)
 
 
 class IDPG(InstancePrompt):
@@ -274,9 +277,9 @@ class IDPG(InstancePrompt):
         self.mlp = generator(self.encoder.width, self.bottleneck(hidden_size), prompt_length * self.d, dropout)
 
     def forward(
-        self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None
+        self, input_embeds: Tensor, attention_mask: Tensor, inputs: Mapping[str, Tensor] = NO_INPUTS
     ) -> PromptOutput:
-        pooled = self.pooled(input_embeds, attention_mask, encoder_batch)
+        pooled = self.pooled(input_embeds, attention_mask, inputs)
         prompt = self.mlp(pooled).view(-1, self.length, self.d)
         return PromptOutput(prompt.to(input_embeds.dtype))
 
@@ -321,7 +324,7 @@ class LoPA(InstancePrompt):
         return torch.sigmoid(u @ v.transpose(1, 2))
 
     def forward(
-        self, input_embeds: Tensor, attention_mask: Tensor, encoder_batch: EncoderBatch | None = None
+        self, input_embeds: Tensor, attention_mask: Tensor, inputs: Mapping[str, Tensor] = NO_INPUTS
     ) -> PromptOutput:
-        prompt = self.shared * self.gate(self.pooled(input_embeds, attention_mask, encoder_batch))
+        prompt = self.shared * self.gate(self.pooled(input_embeds, attention_mask, inputs))
         return PromptOutput(prompt.to(input_embeds.dtype))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from smop.methods.base import PromptModule, PromptOutput, init_prompt
+from smop.methods.base import NO_INPUTS, PromptModule, PromptOutput, init_prompt
 
 
 class PTuning(PromptModule):
@@ -38,7 +41,14 @@ class PTuning(PromptModule):
         layers = [m for m in self.mlp if isinstance(m, nn.Linear)]
         return self.prompt_length * sum(m.in_features * m.out_features for m in layers) / rows
 
-    def forward(self, input_embeds: Tensor, attention_mask: Tensor) -> PromptOutput:
+    @torch.no_grad()
+    def static_prompt(self) -> Tensor:
+        """The MLP is a training-time reparameterisation: at inference the prompt is its output, the same for all."""
+        return self.mlp(self.table).detach().float().clone()
+
+    def forward(
+        self, input_embeds: Tensor, attention_mask: Tensor, inputs: Mapping[str, Tensor] = NO_INPUTS
+    ) -> PromptOutput:
         # The MLP output does not depend on the input: computed once per batch, shared by its rows.
         prompt = self.mlp(self.table).to(input_embeds.dtype)
         return PromptOutput(prompt.unsqueeze(0).expand(input_embeds.shape[0], -1, -1))

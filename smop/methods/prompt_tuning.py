@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from smop.methods.base import PromptModule, PromptOutput, init_prompt
+from smop.methods.base import NO_INPUTS, PromptModule, PromptOutput, init_prompt
 
 
 class PromptTuning(PromptModule):
@@ -28,6 +30,11 @@ class PromptTuning(PromptModule):
         """A static table: no arithmetic."""
         return 0.0
 
-    def forward(self, input_embeds: Tensor, attention_mask: Tensor) -> PromptOutput:
+    def static_prompt(self) -> Tensor:
+        return self.prompt.detach().float().clone()
+
+    def forward(
+        self, input_embeds: Tensor, attention_mask: Tensor, inputs: Mapping[str, Tensor] = NO_INPUTS
+    ) -> PromptOutput:
         batch = input_embeds.shape[0]
         return PromptOutput(self.prompt.to(input_embeds.dtype).unsqueeze(0).expand(batch, -1, -1))

@@ -9,14 +9,14 @@ the second moment of a 2-D parameter per row and column, so the layout decides i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from smop.methods.base import PromptModule, PromptOutput, init_prompt
+from smop.methods.base import NO_INPUTS, PromptModule, PromptOutput, init_prompt
 from smop.methods.routers import Router
 
 
@@ -76,7 +76,9 @@ class SparseMixtureOfPrompts(PromptModule):
         router = self.router.linear.in_features * num if hasattr(self.router, "linear") else 0
         return float(router + getattr(self.router, "topk", 1) * length * d)
 
-    def forward(self, input_embeds: Tensor, attention_mask: Tensor) -> PromptOutput:
+    def forward(
+        self, input_embeds: Tensor, attention_mask: Tensor, inputs: Mapping[str, Tensor] = NO_INPUTS
+    ) -> PromptOutput:
         # routed in the prompts' precision: the frozen embeddings may be bfloat16 (model.dtype), the router is not
         routing = self.router(masked_mean(input_embeds.to(self.prompts.dtype), attention_mask))
         chosen = self.per_prompt.to(input_embeds.dtype)[routing.indices]  # [B, k, L, d]: one batched gather
