@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
-from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, T5Config
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from smop.backbones import CAUSAL, SEQ2SEQ, TINY, build_backbone, build_tokenizer, freeze, kind_of
 from smop.backbones.causal import IGNORE, left_aligned, take
@@ -497,85 +497,6 @@ def build_bare(
 
 
 # --- FLOPs ------------------------------------------------------------------------------------------
-def analytic_inference_flops(config: T5Config, encoder_length: int, decoder_length: int) -> float:
-    """Multiply-adds per example of one T5 inference forward, counted as fvcore counts (matmuls only).
-
-    With d = d_model, i = heads * d_kv, f = d_ff, m = 2 (ReLU FFN) or 3 (gated), n encoder tokens
-    (prompt + padded input), t decoder tokens, V the vocabulary:
-      encoder, per layer:  4 n d i (q, k, v, o) + 2 n^2 i (scores, values) + m n d f (FFN)
-      decoder, per layer:  4 t d i + 2 t^2 i (self-attention)
-                           + 2 t d i (cross q, o) + 2 n d i (cross k, v) + 2 t n i (cross scores, values)
-                           + m t d f (FFN)
-      LM head:             t d V
-    """
-    d, f, vocab = config.d_model, config.d_ff, config.vocab_size
-    inner = config.num_heads * config.d_kv
-    ffn = 3 if config.is_gated_act else 2
-    n, t = encoder_length, decoder_length
-    encoder = config.num_layers * (4 * n * d * inner + 2 * n * n * inner + ffn * n * d * f)
-    decoder = config.num_decoder_layers * (
-        4 * t * d * inner
-        + 2 * t * t * inner
-        + 2 * t * d * inner
-        + 2 * n * d * inner
-        + 2 * t * n * inner
-        + ffn * t * d * f
-    )
-    return float(encoder + decoder + t * d * vocab)
-
-
-def llama_stack_flops(config: PretrainedConfig, length: int) -> int:
-    """The decoder stack of a Llama-shaped model (Llama, Mistral, Qwen2), over `length` positions.
-
-    With d = hidden_size, h = head_dim, q = heads * h, k = key/value heads * h (GQA: fewer k, v heads), f =
-    intermediate_size, T = length, per layer:
-      2 T d q (q, o) + 2 T d k (k, v) + 2 T^2 q (scores and weighted sum: each query head reads its k, v head)
-      + 3 T d f (gate, up, down)
-    RMSNorm, rotary embeddings, SiLU and the residuals are elementwise: fvcore counts none of them.
-    """
-    d, f, t = config.hidden_size, config.intermediate_size, length
-    head = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    q, k = config.num_attention_heads * head, config.num_key_value_heads * head
-    return config.num_hidden_layers * (2 * t * d * q + 2 * t * d * k + 2 * t * t * q + 3 * t * d * f)
-
-
-def gpt2_stack_flops(config: PretrainedConfig, length: int) -> int:
-    """GPT-2's decoder stack over T = `length` positions (d = n_embd, f = n_inner or 4 d), per layer:
-      4 T d^2 (fused q, k, v and the output projection) + 2 T^2 d (scores, weighted sum) + 2 T d f (MLP)
-      + 2 x 5 T d (its two LayerNorms: fvcore counts 5 per element of an affine norm),
-    and 5 T d for the final LayerNorm. The learned positions are an embedding lookup: free."""
-    d, t = config.n_embd, length
-    f = config.n_inner or 4 * d
-    return config.n_layer * (4 * t * d * d + 2 * t * t * d + 2 * t * d * f + 10 * t * d) + 5 * t * d
-
-
-CAUSAL_STACKS: dict[str, Callable[[PretrainedConfig, int], int]] = {
-    "llama": llama_stack_flops,
-    "mistral": llama_stack_flops,
-    "qwen2": llama_stack_flops,
-    "gpt2": gpt2_stack_flops,
-}
-
-
-def analytic_causal_flops(config: PretrainedConfig, source_length: int, target_length: int) -> float | None:
-    """Multiply-adds per example of one causal LM inference forward, as `CausalKind.inference_logits` runs it and
-    fvcore counts it: one pass without the cache over T = source_length (prompt + padded input) + target_length
-    (the padded label) positions, the stack (`CAUSAL_STACKS`) and the LM head T d V (the head runs over all T
-    positions; the target's logits are gathered after it). None for a model type without a formula here."""
-    stack = CAUSAL_STACKS.get(config.model_type)
-    if stack is None:
-        return None
-    length = source_length + target_length
-    return float(stack(config, length) + length * config.hidden_size * config.vocab_size)
-
-
-# The backbone's formula by kind, called with (config, prompt + padded input tokens, padded label tokens).
-ANALYTIC_FLOPS: dict[str, Callable[[PretrainedConfig, int, int], float | None]] = {
-    SEQ2SEQ: analytic_inference_flops,
-    CAUSAL: analytic_causal_flops,
-}
-
-
 def prompt_module_flops(prompt: PromptModule | None, rows: int, input_length: int) -> float | None:
     """Multiply-adds per example of the prompt module itself, its own `analytic_flops` (None: no formula, e.g. IDPG
     and LoPA, which run a whole encoder pass); 0 without a module (full fine-tuning)."""
@@ -595,7 +516,7 @@ def count_flops(runner: Runner, batches: list[Batch], rows: int) -> dict[str, fl
             count, length = part["input_ids"].shape
             module = prompt_module_flops(system.prompt, count, length)
             width, target = runner.prompt_length + length, part["labels"].shape[1]
-            backbone = ANALYTIC_FLOPS[system.kind.name](system.backbone.config, width, target)
+            backbone = system.kind.analytic_flops(system.backbone.config, width, target)
             if None not in (module, backbone) and not has_lora(system.backbone):  # no formula for LoRA's adapters
                 analytic.append(backbone + module)
     return {

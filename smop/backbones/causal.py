@@ -11,11 +11,12 @@ cache, greedy or sampled (`decoding.py`), and returns the new tokens only.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from smop.backbones.decoding import Decoding, check_generation, next_token, reached_stop
 
@@ -129,3 +130,52 @@ class CausalKind:
     def inference_logits(self, backbone: nn.Module, embeds: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
         """One inference forward for counting FLOPs: prompt, source and target in one pass, without the cache."""
         return self._logits(backbone, embeds, mask, labels)
+
+    def analytic_flops(self, config: PretrainedConfig, source_length: int, target_length: int) -> float | None:
+        """The inference forward's multiply-adds per example, as fvcore counts them (`analytic_causal_flops`)."""
+        return analytic_causal_flops(config, source_length, target_length)
+
+
+def llama_stack_flops(config: PretrainedConfig, length: int) -> int:
+    """The decoder stack of a Llama-shaped model (Llama, Mistral, Qwen2), over `length` positions.
+
+    With d = hidden_size, h = head_dim, q = heads * h, k = key/value heads * h (GQA: fewer k, v heads), f =
+    intermediate_size, T = length, per layer:
+      2 T d q (q, o) + 2 T d k (k, v) + 2 T^2 q (scores and weighted sum: each query head reads its k, v head)
+      + 3 T d f (gate, up, down)
+    RMSNorm, rotary embeddings, SiLU and the residuals are elementwise: fvcore counts none of them.
+    """
+    d, f, t = config.hidden_size, config.intermediate_size, length
+    head = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q, k = config.num_attention_heads * head, config.num_key_value_heads * head
+    return config.num_hidden_layers * (2 * t * d * q + 2 * t * d * k + 2 * t * t * q + 3 * t * d * f)
+
+
+def gpt2_stack_flops(config: PretrainedConfig, length: int) -> int:
+    """GPT-2's decoder stack over T = `length` positions (d = n_embd, f = n_inner or 4 d), per layer:
+      4 T d^2 (fused q, k, v and the output projection) + 2 T^2 d (scores, weighted sum) + 2 T d f (MLP)
+      + 2 x 5 T d (its two LayerNorms: fvcore counts 5 per element of an affine norm),
+    and 5 T d for the final LayerNorm. The learned positions are an embedding lookup: free."""
+    d, t = config.n_embd, length
+    f = config.n_inner or 4 * d
+    return config.n_layer * (4 * t * d * d + 2 * t * t * d + 2 * t * d * f + 10 * t * d) + 5 * t * d
+
+
+CAUSAL_STACKS: dict[str, Callable[[PretrainedConfig, int], int]] = {
+    "llama": llama_stack_flops,
+    "mistral": llama_stack_flops,
+    "qwen2": llama_stack_flops,
+    "gpt2": gpt2_stack_flops,
+}
+
+
+def analytic_causal_flops(config: PretrainedConfig, source_length: int, target_length: int) -> float | None:
+    """Multiply-adds per example of one causal LM inference forward, as `CausalKind.inference_logits` runs it and
+    fvcore counts it: one pass without the cache over T = source_length (prompt + padded input) + target_length
+    (the padded label) positions, the stack (`CAUSAL_STACKS`) and the LM head T d V (the head runs over all T
+    positions; the target's logits are gathered after it). None for a model type without a formula here."""
+    stack = CAUSAL_STACKS.get(config.model_type)
+    if stack is None:
+        return None
+    length = source_length + target_length
+    return float(stack(config, length) + length * config.hidden_size * config.vocab_size)

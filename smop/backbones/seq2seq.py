@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, T5Config
 
 from smop.backbones.decoding import Decoding, check_generation, global_rng_from
 
@@ -69,3 +69,34 @@ class Seq2SeqKind:
         return backbone(
             inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids, use_cache=False
         ).logits
+
+    def analytic_flops(self, config: T5Config, source_length: int, target_length: int) -> float:
+        """The inference forward's multiply-adds per example, as fvcore counts them (`t5_inference_flops`)."""
+        return t5_inference_flops(config, source_length, target_length)
+
+
+def t5_inference_flops(config: T5Config, encoder_length: int, decoder_length: int) -> float:
+    """Multiply-adds per example of one T5 inference forward, counted as fvcore counts (matmuls only).
+
+    With d = d_model, i = heads * d_kv, f = d_ff, m = 2 (ReLU FFN) or 3 (gated), n encoder tokens
+    (prompt + padded input), t decoder tokens, V the vocabulary:
+      encoder, per layer:  4 n d i (q, k, v, o) + 2 n^2 i (scores, values) + m n d f (FFN)
+      decoder, per layer:  4 t d i + 2 t^2 i (self-attention)
+                           + 2 t d i (cross q, o) + 2 n d i (cross k, v) + 2 t n i (cross scores, values)
+                           + m t d f (FFN)
+      LM head:             t d V
+    """
+    d, f, vocab = config.d_model, config.d_ff, config.vocab_size
+    inner = config.num_heads * config.d_kv
+    ffn = 3 if config.is_gated_act else 2
+    n, t = encoder_length, decoder_length
+    encoder = config.num_layers * (4 * n * d * inner + 2 * n * n * inner + ffn * n * d * f)
+    decoder = config.num_decoder_layers * (
+        4 * t * d * inner
+        + 2 * t * t * inner
+        + 2 * t * d * inner
+        + 2 * n * d * inner
+        + 2 * t * n * inner
+        + ffn * t * d * f
+    )
+    return float(encoder + decoder + t * d * vocab)
