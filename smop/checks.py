@@ -76,22 +76,30 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
         check_checkpoint(cfg.ckpt_path)
 
 
-# Methods that run on seq2seq backbones only, for now: FPT drops and narrows T5 blocks
-SEQ2SEQ_ONLY = ("fpt",)
-
-
 def check_method_on_kind(cfg: DictConfig, kind: str) -> None:
-    """Refuse, before any model is built, a method that does not run on this backbone kind (seq2seq or causal)."""
-    if kind != "causal":
+    """Refuse, before any model is built, FPT (`method=fpt` or `callbacks.fpt`, any method) on a backbone whose
+    architecture it cannot reduce, or on a stack that the backbone (seq2seq or causal) lacks. Reads config.json only."""
+    fpt = (cfg.get("callbacks") or {}).get("fpt")
+    if not fpt:
         return
-    method = cfg.method.name
-    fpt_callback = bool((cfg.get("callbacks") or {}).get("fpt"))  # FPT's schedule: `callbacks=fpt`, any method
-    what = f"method={method}" if method in SEQ2SEQ_ONLY else "callbacks.fpt" if fpt_callback else None
-    if what is not None:
-        runs = ", ".join(m for m in options("method") if m not in SEQ2SEQ_ONLY)
+    from smop.backbones import load_config
+    from smop.methods.fpt import ARCHITECTURES
+
+    tiny = cfg.model.get("tiny")
+    config = load_config(str(cfg.model.name_or_path), dict(tiny) if tiny is not None else None)
+    what = f"method={cfg.method.name}" if cfg.method.name == "fpt" else "callbacks.fpt"
+    where = f"model.name_or_path={cfg.model.name_or_path}"
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
         raise Refused(
-            f"{what} does not run on a causal backbone (model.name_or_path={cfg.model.name_or_path}) in this "
-            f"version: it needs a seq2seq one (T5 family). On causal backbones: {runs}"
+            f"{what} does not support model_type={config.model_type} ({kind} backbone, {where}): it drops layers "
+            f"and narrows FFNs of these model types only: {', '.join(ARCHITECTURES)}"
+        )
+    stacks = fpt.get("stacks")
+    if stacks is not None and set(stacks) - set(arch.stacks):
+        raise Refused(
+            f"callbacks.fpt.stacks={list(stacks)}: a {config.model_type} backbone ({kind}, {where}) has the stacks "
+            f"{', '.join(arch.stacks)}; callbacks.fpt.stacks=null reduces its {next(iter(arch.stacks))}"
         )
 
 

@@ -1,8 +1,8 @@
 """Decoder-only (causal) backbones: every method of this step runs and learns on the tiny Llama and GPT-2; the
 frozen weights stay frozen; an example's loss and generation do not depend on its batch; the KV-cache decode equals
 a token-by-token one; the prompt reads the source only (IDPG/LoPA pool the backbone's last real source token); a
-local folder loads its own weights or is refused; FPT, which needs a seq2seq backbone, is refused before anything is
-built."""
+local folder loads its own weights or is refused; FPT on an architecture it cannot reduce (or a stack the backbone
+lacks) is refused before anything is built (FPT on causal backbones itself: test_fpt_causal.py)."""
 
 from __future__ import annotations
 
@@ -245,17 +245,24 @@ def test_idpg_and_lopa_pool_the_causal_backbones_last_real_source_token(make_cfg
         torch.testing.assert_close(pooled[i], hidden[0, -1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["fpt"])
-def test_seq2seq_only_methods_are_refused_on_a_causal_backbone_before_anything_is_built(make_cfg, method, tmp_path):
-    with pytest.raises(Refused, match=rf"method={method} does not run on a causal backbone .*\(T5 family\)"):
-        run(make_cfg("model=llama-tiny", f"method={method}", *FAST))
+def test_fpt_is_refused_on_an_unsupported_architecture_before_anything_is_built(make_cfg, tmp_path):
+    """GPT-NeoX is a causal LM whose layers and FFN (dense_h_to_4h, dense_4h_to_h) FPT does not know."""
+    supported = r"t5, mt5, llama, mistral, qwen2, qwen3, phi3, phi, gpt2, codegen"
+    with pytest.raises(Refused, match=rf"method=fpt does not support model_type=gpt_neox \(causal .*: {supported}$"):
+        run(make_cfg("model=gpt2-tiny", "model.tiny.model_type=gpt_neox", "method=fpt", *FAST))
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "failed" and results["params"] is None
 
 
-def test_the_fpt_callback_is_refused_on_a_causal_backbone_with_any_method(make_cfg):
-    with pytest.raises(Refused, match=r"callbacks.fpt does not run on a causal backbone"):
-        run(make_cfg("model=llama-tiny", "method=prompt_tuning", "callbacks=fpt", *FAST))
+def test_the_fpt_callback_refuses_a_stack_the_causal_backbone_lacks(make_cfg):
+    with pytest.raises(
+        Refused, match=r"callbacks.fpt.stacks=\['encoder'\]: a llama backbone \(causal.* the stacks decoder"
+    ):
+        run(
+            make_cfg(
+                "model=llama-tiny", "method=prompt_tuning", "callbacks=fpt", "callbacks.fpt.stacks=[encoder]", *FAST
+            )
+        )
 
 
 def test_inference_flops_of_the_tiny_llama_are_the_analytic_count_with_attention(make_cfg):
@@ -272,7 +279,7 @@ def test_inference_flops_of_the_tiny_llama_are_the_analytic_count_with_attention
 
 
 @pytest.mark.slow
-def test_train_py_runs_a_causal_backbone_and_refuses_fpt_on_one_in_one_line(tmp_path):
+def test_train_py_runs_a_causal_backbone_and_refuses_fpt_on_an_unsupported_one_in_one_line(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
 
     def train(*overrides: str, folder: str) -> subprocess.CompletedProcess:
@@ -282,10 +289,10 @@ def test_train_py_runs_a_causal_backbone_and_refuses_fpt_on_one_in_one_line(tmp_
     done = train("model=llama-tiny", "trainer.fast_dev_run=true", *SYNTHETIC, folder="ok")
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "ok" / "results.json").read_text())["status"] == "completed"
-    refused = train("model=gpt2-tiny", "method=fpt", folder="fpt")
+    refused = train("model=gpt2-tiny", "model.tiny.model_type=gpt_neox", "method=fpt", folder="fpt")
     assert refused.returncode == 1
     (line,) = [line for line in refused.stderr.splitlines() if not line.startswith("INFO: ")]
-    assert line.startswith("train.py: method=fpt does not run on a causal backbone (model.name_or_path=tiny)")
+    assert line.startswith("train.py: method=fpt does not support model_type=gpt_neox (causal backbone")
 
 
 def test_predict_encodes_as_training_and_labels_alike_in_any_batch(make_cfg, tmp_path):

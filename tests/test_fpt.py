@@ -12,11 +12,11 @@ import torch
 from helpers import SYNTHETIC, build
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import MT5Config, MT5ForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
 from smop.backbones import build_tokenizer
 from smop.builders import build_datamodule, build_system
-from smop.methods.fpt import FULL, PartialT5, ProgressiveTraining, Shape, kept_layers, sample_means
+from smop.methods.fpt import FULL, STACKS, PartialModel, ProgressiveTraining, Shape, kept_layers, sample_means
 from smop.run import run
 
 DEEP = ["model.tiny.num_layers=4", "model.tiny.num_decoder_layers=4"]  # d_ff 256: layers and neurons to drop
@@ -60,7 +60,7 @@ def test_partial_model_is_a_smaller_t5_and_the_full_one_comes_back_bit_for_bit(m
     backbone = system.backbone
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     modules = dict(backbone.named_modules())
-    partial = PartialT5(backbone, ["encoder", "decoder"])
+    partial = PartialModel(backbone, ["encoder", "decoder"])
     scores = partial.ffn_scores(system, [batch])
     assert scores["encoder"].shape == scores["decoder"].shape == (4, 256) and (scores["encoder"] >= 0).all()
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -83,6 +83,25 @@ def test_partial_model_is_a_smaller_t5_and_the_full_one_comes_back_bit_for_bit(m
     assert dict(backbone.named_modules()) == modules  # the very same module objects
     after = backbone.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_partial_mt5_is_a_smaller_mt5():
+    """mT5 (model_type mt5) has T5's layout: the same description reduces it to exactly a smaller mT5."""
+    sizes = {"vocab_size": 64, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_heads": 4, "decoder_start_token_id": 0}
+    torch.manual_seed(0)
+    model = MT5ForConditionalGeneration(MT5Config(**sizes, num_layers=4, num_decoder_layers=4)).requires_grad_(False)
+    partial = PartialModel(model.eval(), ["encoder", "decoder"])
+    partial.scores = {stack: torch.rand(4, 64, generator=torch.Generator().manual_seed(1)) for stack in STACKS}
+    partial.apply(Shape(0.5, 0.5))
+    small = MT5ForConditionalGeneration(MT5Config(**{**sizes, "d_ff": 32}, num_layers=2, num_decoder_layers=2))
+    small.load_state_dict(model.state_dict())
+    ids = torch.randint(2, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids, labels=ids).logits, small.eval()(input_ids=ids, labels=ids).logits
+        )
+        generate = {"max_new_tokens": 5, "do_sample": False}
+        assert torch.equal(model.generate(ids, **generate), small.generate(ids, **generate))
 
 
 class Probe(Callback):
@@ -178,7 +197,7 @@ def test_prompt_learns_across_stages(make_cfg):
     torch.manual_seed(0)
     cfg = make_cfg("method=fpt", *DEEP, "dataset.batch_size=16", *SYNTHETIC)
     system, batch = build(cfg)
-    partial = PartialT5(system.backbone, ["encoder"])
+    partial = PartialModel(system.backbone, ["encoder"])
     partial.ffn_scores(system, [batch])
     optimizer = instantiate(cfg.optimizer)(system.param_groups())
     system.train()
@@ -228,7 +247,7 @@ def test_ffn_scores_are_the_mean_of_per_sample_means_whatever_the_batching(make_
         "input_ids": pair["input_ids"][:, : lengths[b]],
         "attention_mask": pair["attention_mask"][:, : lengths[b]],
     }
-    partial = PartialT5(system.backbone, ["encoder", "decoder"])
+    partial = PartialModel(system.backbone, ["encoder", "decoder"])
     alone = []
     for i in (a, b):  # batch size 1, no padding: the reference's computation
         one = {k: v[i : i + 1] for k, v in batch.items()}

@@ -1,10 +1,11 @@
-"""FPT (Huang et al., 2022): train the prompt on a partial T5 that grows, in stages, back to the full model.
+"""FPT (Huang et al., 2022): train the prompt on a partial backbone that grows, in stages, back to the full model.
 
-A partial model reuses the backbone's own modules. Layer dropping swaps a stack's `block` ModuleList for a
-ModuleList of the kept blocks (the same objects, no copy); FFN reduction swaps an FFN's Linear layers for
-smaller frozen copies of its top-scored neurons. The originals are kept and put back, so the full model is
-bit-for-bit what it was. The prompt module is never touched: its Parameters, and with them the optimizer
-state, carry across stages.
+A partial model reuses the backbone's own modules. Layer dropping swaps a stack's block ModuleList for a
+ModuleList of the kept blocks (the same objects, no copy), numbered as a smaller model's; FFN reduction swaps an
+FFN's projections for smaller frozen copies of its top-scored neurons. The originals are kept and put back, so the
+full model is bit-for-bit what it was. The prompt module is never touched: its Parameters, and with them the
+optimizer state, carry across stages. `ARCHITECTURES` says where each supported model family keeps its blocks and
+FFN projections: T5 (encoder and decoder stacks) and decoder-only LMs (one decoder stack).
 
 Works with any prompt method (`callbacks=fpt`); `method=fpt` is prompt tuning with the reference's recipe.
 """
@@ -25,7 +26,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
+from transformers.pytorch_utils import Conv1D
 
+from smop.backbones import kind_of
+from smop.backbones.causal import position_ids
 from smop.costs import eager_attention, inference_flops, train_step_flops
 
 log = logging.getLogger(__name__)
@@ -36,14 +40,76 @@ VALIDATE_ON = ("full", "partial")
 SCORE_SPLITS = ("val", "train")
 
 
+# --- where a model family keeps its blocks and FFNs ----------------------------------------------------
+
+
+def _t5_ffn(block: nn.Module) -> nn.Module:
+    """T5's feed-forward sublayer, the last of a block."""
+    return block.layer[-1].DenseReluDense
+
+
+def _mlp(block: nn.Module) -> nn.Module:
+    return block.mlp
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where a model family keeps what FPT reduces.
+
+    stacks: stack name -> the backbone's submodule that holds the block list (the first stack is the default).
+    blocks: that submodule's attribute holding the block ModuleList.
+    ffn: a block's FFN module.
+    inputs: the FFN projections whose output features are the neurons (the ones a module has: T5's wi, or wi_0/wi_1).
+    output: the projection that reads the neurons (its input features); the score is |its input|.
+    fused: output chunks stacked in each input projection, e.g. Phi-3's gate_up_proj = [gate ; up]: 2.
+    narrow_config: the stack's config counts the layers the forward runs and the KV cache holds (decoder-only
+        LMs): a partial model sets it (num_hidden_layers, layer_types) to the kept layers, the way a smaller model's
+        config would read.
+    """
+
+    stacks: dict[str, str]
+    blocks: str
+    ffn: Callable[[nn.Module], nn.Module]
+    inputs: tuple[str, ...]
+    output: str
+    fused: int = 1
+    narrow_config: bool = True
+
+
+T5 = Architecture(
+    {"encoder": "encoder", "decoder": "decoder"}, "block", _t5_ffn, ("wi", "wi_0", "wi_1"), "wo", narrow_config=False
+)
+GATED = Architecture({"decoder": "model"}, "layers", _mlp, ("gate_proj", "up_proj"), "down_proj")  # act(gate) * up
+ARCHITECTURES = {  # by config.model_type
+    "t5": T5,
+    "mt5": T5,
+    "llama": GATED,
+    "mistral": GATED,
+    "qwen2": GATED,
+    "qwen3": GATED,
+    "phi3": Architecture({"decoder": "model"}, "layers", _mlp, ("gate_up_proj",), "down_proj", fused=2),
+    "phi": Architecture({"decoder": "model"}, "layers", _mlp, ("fc1",), "fc2"),
+    "gpt2": Architecture({"decoder": "transformer"}, "h", _mlp, ("c_fc",), "c_proj"),  # Conv1D: weight [in, out]
+    "codegen": Architecture({"decoder": "transformer"}, "h", _mlp, ("fc_in",), "fc_out"),
+}
+
+
+def architecture(model_type: str) -> Architecture:
+    """The description of `model_type`, or an error naming the supported ones."""
+    if model_type not in ARCHITECTURES:
+        supported = ", ".join(ARCHITECTURES)
+        raise ValueError(f"FPT does not support model_type={model_type}: it reduces the layers and FFNs of {supported}")
+    return ARCHITECTURES[model_type]
+
+
 # --- what a partial model keeps ----------------------------------------------------------------------
 
 
 def kept_layers(num_layers: int, fraction: float) -> list[int]:
-    """The n = round(fraction * num_layers) blocks the reference keeps (its `evenly_select_layers`): block 0 (it
-    holds T5's relative position bias, which the other blocks reuse), then n - 1 gaps of q = (N - n) // (n - 1) + 1
-    and q + 1 blocks, the short gaps first, which ends on block N - 1 (it feeds the final layer norm).
-    6 of 24: [0, 4, 8, 13, 18, 23]; 4 of 8: [0, 2, 4, 7]."""
+    """The n = round(fraction * num_layers) blocks the reference keeps (its `evenly_select_layers`): block 0 (in T5
+    it holds the relative position bias the other blocks reuse), then n - 1 gaps of q = (N - n) // (n - 1) + 1 and
+    q + 1 blocks, the short gaps first, which ends on block N - 1 (it feeds the final layer norm). The same rule for
+    a decoder-only stack. 6 of 24: [0, 4, 8, 13, 18, 23]; 4 of 8: [0, 2, 4, 7]."""
     n = min(num_layers, max(min(2, num_layers), round(fraction * num_layers)))
     if n == 1:
         return [0]
@@ -85,51 +151,82 @@ def sample_means(activations: Tensor, mask: Tensor) -> Tensor:
     return totals / mask.sum(1, keepdim=True).clamp(min=1).double()
 
 
-def _ffn(block: nn.Module) -> nn.Module:
-    """T5's feed-forward sublayer (the last of a block): wi, or wi_0 and wi_1 when gated, then wo."""
-    return block.layer[-1].DenseReluDense
+def _in_features(projection: nn.Module) -> int:
+    """nn.Linear's weight is [out, in]; transformers' Conv1D (GPT-2) stores it transposed, [in, out]."""
+    return projection.weight.shape[0 if isinstance(projection, Conv1D) else 1]
 
 
-def _ffn_inputs(ffn: nn.Module) -> tuple[str, ...]:
-    return ("wi_0", "wi_1") if hasattr(ffn, "wi_0") else ("wi",)
-
-
-def _sliced_linear(linear: nn.Module, index: Tensor, dim: int) -> nn.Linear:
-    """A frozen copy of `linear` that keeps output rows (dim=0) or input columns (dim=1) `index`."""
-    if type(linear) is not nn.Linear:
+def _sliced(projection: nn.Module, index: Tensor, features: str) -> nn.Module:
+    """A frozen copy of an FFN projection (nn.Linear or Conv1D) that keeps its output (features="out") or input
+    (features="in") features `index`."""
+    if type(projection) not in (nn.Linear, Conv1D):
         raise TypeError(
-            f"FFN reduction slices plain nn.Linear FFN weights, got {type(linear).__name__} (LoRA on wi/wo?); "
-            "use callbacks.fpt.reduce=layers"
+            f"FFN reduction slices plain nn.Linear or Conv1D FFN weights, got {type(projection).__name__} (LoRA on "
+            "an FFN projection?); use callbacks.fpt.reduce=layers"
         )
-    if linear.weight.requires_grad:
+    if projection.weight.requires_grad:
         raise ValueError("FFN reduction slices frozen FFN weights only (method=full trains them): use reduce=layers")
-    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device="meta")
+    conv = isinstance(projection, Conv1D)
+    dim = (1 if conv else 0) if features == "out" else (0 if conv else 1)
+    weight = projection.weight.detach().index_select(dim, index.to(projection.weight.device))
+    with torch.device("meta"):
+        out = Conv1D(weight.shape[1], weight.shape[0]) if conv else nn.Linear(weight.shape[1], weight.shape[0])
     out.weight = nn.Parameter(weight, requires_grad=False)
-    if linear.bias is not None:
-        bias = linear.bias.detach()
-        out.bias = nn.Parameter(bias.index_select(0, index.to(bias.device)) if dim == 0 else bias.clone(), False)
+    bias = projection.bias
+    if bias is None:
+        out.bias = None
+    else:
+        kept = bias.detach().index_select(0, index.to(bias.device)) if features == "out" else bias.detach().clone()
+        out.bias = nn.Parameter(kept, requires_grad=False)
     return out
 
 
-class PartialT5:
-    """Switches a T5 between its full size and partial shapes; keeps the original modules to put back exactly.
+def _layer_indices(block: nn.Module) -> list[tuple[nn.Module, int]]:
+    """The modules of a block that carry a `layer_idx` (the KV cache slot they write), with its value."""
+    return [(m, m.layer_idx) for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)]
 
-    T5Stack.forward iterates `self.block` and reads no layer count, and each kept block keeps its own
-    `layer_idx`, so the decoder cache (sized from the unchanged config) stays consistent during generation.
+
+class PartialModel:
+    """Switches a backbone between its full size and partial shapes; keeps the original modules to put back exactly.
+
+    The kept blocks are renumbered 0..n-1 (every `layer_idx` in them), and a decoder-only stack's config counts n
+    layers with their own `layer_types`, as a smaller model of the same class would: the KV cache is then built for
+    the kept layers and per-layer attention masks (sliding windows) follow the kept layers' own types.
     """
 
-    def __init__(self, backbone: nn.Module, stacks: Sequence[str] = ("encoder",)) -> None:
-        self.stacks = {name: getattr(backbone, name) for name in stacks}
-        self.blocks = {name: stack.block for name, stack in self.stacks.items()}  # the original ModuleLists
-        self.linears = {  # the original FFN Linear layers, per stack and block
-            name: [{a: getattr(_ffn(b), a) for a in (*_ffn_inputs(_ffn(b)), "wo")} for b in blocks]
-            for name, blocks in self.blocks.items()
+    def __init__(self, backbone: nn.Module, stacks: Sequence[str] | None = None) -> None:
+        self.arch = architecture(backbone.config.model_type)
+        stacks = list(stacks or list(self.arch.stacks)[:1])
+        if set(stacks) - set(self.arch.stacks):
+            raise ValueError(
+                f"callbacks.fpt.stacks={stacks}: a {backbone.config.model_type} backbone has the stacks "
+                f"{', '.join(self.arch.stacks)}"
+            )
+        self.stacks = {name: backbone.get_submodule(self.arch.stacks[name]) for name in stacks}
+        self.blocks = {name: getattr(stack, self.arch.blocks) for name, stack in self.stacks.items()}  # the originals
+        self.projections = {  # the original FFN projections, per stack and block
+            name: [self._projections(self.arch.ffn(b)) for b in blocks] for name, blocks in self.blocks.items()
         }
+        self.layer_idx = {name: [_layer_indices(b) for b in blocks] for name, blocks in self.blocks.items()}
+        self.configs = {name: self._config_counts(stack) for name, stack in self.stacks.items()}
         self.scores: dict[str, Tensor] = {}  # per stack: [num_blocks, d_ff] neuron scores (ffn_scores)
         self.shape = FULL
-        self._slices: dict[tuple[str, int], dict[str, nn.Linear]] = {}  # FFN copies for _slices_fraction
+        self._slices: dict[tuple[str, int], dict[str, nn.Module]] = {}  # FFN copies for _slices_fraction
         self._slices_fraction: float | None = None
+
+    def _projections(self, ffn: nn.Module) -> dict[str, nn.Module]:
+        names = [a for a in self.arch.inputs if hasattr(ffn, a)] + [self.arch.output]
+        return {a: getattr(ffn, a) for a in names}
+
+    def _config_counts(self, stack: nn.Module) -> dict[str, Any]:
+        """The config entries a partial model narrows: the layer count and, when the config has them, layer_types."""
+        if not self.arch.narrow_config:
+            return {}
+        config = stack.config
+        counts: dict[str, Any] = {"num_hidden_layers": config.num_hidden_layers}
+        if isinstance(getattr(config, "layer_types", None), list):
+            counts["layer_types"] = config.layer_types
+        return counts
 
     def apply(self, shape: Shape) -> None:
         """Put `shape` in force (a no-op when it already is); FULL restores the original model."""
@@ -145,19 +242,35 @@ class PartialT5:
             keep = kept_layers(len(blocks), shape.layers)
             if shape.ffn < 1.0:
                 for i in keep:
-                    for attr, linear in self._ffn_slices(name, i, shape.ffn).items():
-                        setattr(_ffn(blocks[i]), attr, linear)
+                    for attr, projection in self._ffn_slices(name, i, shape.ffn).items():
+                        setattr(self.arch.ffn(blocks[i]), attr, projection)
             if len(keep) < len(blocks):
-                stack.block = nn.ModuleList([blocks[i] for i in keep])
+                self._drop_layers(name, stack, keep)
         self.shape = shape
 
+    def _drop_layers(self, name: str, stack: nn.Module, keep: list[int]) -> None:
+        setattr(stack, self.arch.blocks, nn.ModuleList([self.blocks[name][i] for i in keep]))
+        for new, i in enumerate(keep):
+            for module, _ in self.layer_idx[name][i]:
+                module.layer_idx = new
+        counts = self.configs[name]
+        if counts:
+            stack.config.num_hidden_layers = len(keep)
+        if "layer_types" in counts:
+            stack.config.layer_types = [counts["layer_types"][i] for i in keep]
+
     def restore(self) -> None:
-        """The full model: the original block lists and FFN Linear layers, the very same objects."""
+        """The full model: the original block lists, layer indices, config counts and FFN projections."""
         for name, stack in self.stacks.items():
-            stack.block = self.blocks[name]
-            for block, linears in zip(self.blocks[name], self.linears[name], strict=True):
-                for attr, linear in linears.items():
-                    setattr(_ffn(block), attr, linear)
+            setattr(stack, self.arch.blocks, self.blocks[name])
+            for modules in self.layer_idx[name]:
+                for module, index in modules:
+                    module.layer_idx = index
+            for key, value in self.configs[name].items():
+                setattr(stack.config, key, value)
+            for block, projections in zip(self.blocks[name], self.projections[name], strict=True):
+                for attr, projection in projections.items():
+                    setattr(self.arch.ffn(block), attr, projection)
         self.shape = FULL
 
     def release(self) -> None:
@@ -165,14 +278,16 @@ class PartialT5:
         self.restore()
         self._slices, self._slices_fraction = {}, None
 
-    def _ffn_slices(self, stack: str, index: int, fraction: float) -> dict[str, nn.Linear]:
+    def _ffn_slices(self, stack: str, index: int, fraction: float) -> dict[str, nn.Module]:
         if (stack, index) not in self._slices:
             if stack not in self.scores:
                 raise RuntimeError(f"FFN reduction of the {stack} needs neuron scores first (ffn_scores)")
             keep = kept_neurons(self.scores[stack][index], fraction)
-            linears = self.linears[stack][index]
-            sliced = {a: _sliced_linear(linears[a], keep, 0) for a in linears if a != "wo"}
-            sliced["wo"] = _sliced_linear(linears["wo"], keep, 1)
+            projections, output = self.projections[stack][index], self.arch.output
+            d_ff = _in_features(projections[output])
+            rows = torch.cat([keep + chunk * d_ff for chunk in range(self.arch.fused)])  # [gate ; up] fused: both
+            sliced = {a: _sliced(p, rows, "out") for a, p in projections.items() if a != output}
+            sliced[output] = _sliced(projections[output], keep, "in")
             self._slices[(stack, index)] = sliced
         return self._slices[(stack, index)]
 
@@ -180,22 +295,24 @@ class PartialT5:
         """e.g. "encoder 6/24 layers x 704/2816 ffn": what `shape` keeps of each reduced stack."""
         parts = []
         for name, blocks in self.blocks.items():
-            d_ff = self.linears[name][0]["wo"].in_features
+            d_ff = _in_features(self.projections[name][0][self.arch.output])
             k = min(d_ff, max(1, round(shape.ffn * d_ff))) if shape.ffn < 1.0 else d_ff
             parts.append(f"{name} {len(kept_layers(len(blocks), shape.layers))}/{len(blocks)} layers x {k}/{d_ff} ffn")
         return ", ".join(parts)
 
     @torch.no_grad()
     def ffn_scores(self, system: nn.Module, batches: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Score every FFN neuron of the full model: the mean over samples of each sample's mean |input of wo|
-        over its non-pad tokens (`sample_means`, as the reference), i.e. of |act(wi x)|, or |act(wi_0 x) * (wi_1 x)|
-        for gated FFNs. The encoder sees what training feeds it ([prompt ; input] when `system` has
-        `encoder_inputs`, the prompt's positions counted); the decoder the teacher-forced label tokens."""
+        """Score every FFN neuron of the full model: the mean over samples of each sample's mean |input of the output
+        projection| over its non-pad tokens (`sample_means`, as the reference), i.e. of |act(wi x)|, or
+        |act(wi_0 x) * (wi_1 x)| for gated FFNs (Llama's act(gate x) * (up x)). Each stack sees what training feeds
+        it (`_scoring_inputs`)."""
         self.restore()
         sums: dict[str, Tensor] = {}  # per stack: [num_blocks, d_ff] sums over samples of their mean |activation|
-        for name, per_block in self.linears.items():
-            wo = per_block[0]["wo"].weight
-            sums[name] = torch.zeros(len(per_block), wo.shape[1], dtype=torch.float64, device=wo.device)
+        for name, per_block in self.projections.items():
+            output = per_block[0][self.arch.output]
+            sums[name] = torch.zeros(
+                len(per_block), _in_features(output), dtype=torch.float64, device=output.weight.device
+            )
         samples = dict.fromkeys(self.blocks, 0)
         masks: dict[str, Tensor] = {}
 
@@ -206,22 +323,17 @@ class PartialT5:
             return accumulate
 
         handles = [
-            linears["wo"].register_forward_pre_hook(hook(name, i))
-            for name, per_block in self.linears.items()
-            for i, linears in enumerate(per_block)
+            projections[self.arch.output].register_forward_pre_hook(hook(name, i))
+            for name, per_block in self.projections.items()
+            for i, projections in enumerate(per_block)
         ]
         was_training = system.training
         system.eval()
         try:
             for batch in batches:
-                labels = batch["labels"]
-                if hasattr(system, "encoder_inputs"):
-                    ids, attention = batch["input_ids"], batch["attention_mask"]
-                    embeds, mask, _ = system.encoder_inputs(ids, attention, system.prompt_inputs(batch))
-                else:
-                    embeds, mask = system.backbone.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"]
-                masks["encoder"], masks["decoder"] = mask, (labels != -100)
-                system.backbone(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
+                inputs, batch_masks = _scoring_inputs(system, batch)
+                masks.update(batch_masks)
+                system.backbone(**inputs, use_cache=False)
                 for name in samples:
                     samples[name] += int((masks[name].sum(1) > 0).sum())  # a sample without tokens adds 0
         finally:
@@ -231,6 +343,27 @@ class PartialT5:
         self.scores = {name: (sums[name] / max(1, samples[name])).float().cpu() for name in sums}
         self._slices, self._slices_fraction = {}, None
         return self.scores
+
+
+def _scoring_inputs(system: nn.Module, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The backbone's training inputs for `batch`, and per stack the mask of the tokens it sees there.
+
+    A T5's encoder sees [prompt ; input] when `system` has `encoder_inputs` (the prompt's positions counted), its
+    decoder the teacher-forced label tokens; a decoder-only stack sees the whole teacher-forced sequence, [padding ;
+    prompt ; source ; target], as training builds it (smop.backbones.causal)."""
+    backbone, labels = system.backbone, batch["labels"]
+    if hasattr(system, "encoder_inputs"):
+        embeds, mask, _ = system.encoder_inputs(
+            batch["input_ids"], batch["attention_mask"], system.prompt_inputs(batch)
+        )
+    else:
+        embeds, mask = backbone.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"]
+    if backbone.config.is_encoder_decoder:
+        inputs = {"inputs_embeds": embeds, "attention_mask": mask, "labels": labels}
+        return inputs, {"encoder": mask, "decoder": labels != -100}
+    sequence, sequence_mask = kind_of(backbone).teacher_forced(backbone, embeds, mask, labels)
+    inputs = {"inputs_embeds": sequence, "attention_mask": sequence_mask, "position_ids": position_ids(sequence_mask)}
+    return inputs, {"decoder": sequence_mask}
 
 
 # --- the schedule, as a callback ---------------------------------------------------------------------
@@ -245,7 +378,8 @@ class ProgressiveTraining(Callback):
         stage_steps: optimizer steps per partial stage, one number for all or one per stage; None: stage_share.
         stage_share: when stage_steps is None, each partial stage gets this share of the run's steps
             (the paper: 6k of 30k).
-        stacks: which stacks are reduced; the reference reduced the encoder only (decoder optional).
+        stacks: which stacks are reduced; None: the backbone's first (a T5's encoder, as the reference, which could
+            reduce the decoder too; a decoder-only LM's decoder, its only stack).
         score_split: the split whose examples score the FFN neurons (once, full model, before training): "val"
             (the reference) or "train".
         score_samples: how many of its examples, drawn without replacement (the reference: 1,000 shuffled ones);
@@ -266,7 +400,7 @@ class ProgressiveTraining(Callback):
         fractions: Sequence[float] = (0.25, 0.5, 0.75),
         stage_steps: int | Sequence[int] | None = None,
         stage_share: float = 0.2,
-        stacks: Sequence[str] = ("encoder",),
+        stacks: Sequence[str] | None = None,
         score_split: str = "val",
         score_samples: int = 1000,
         score_seed: int = 0,
@@ -281,7 +415,7 @@ class ProgressiveTraining(Callback):
             problems.append(f"reduce={reduce} is not one of: {', '.join(REDUCTIONS)}")
         if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
             problems.append(f"fractions={fractions} must be shares in (0, 1]")
-        if not stacks or set(stacks) - set(STACKS):
+        if stacks is not None and (not stacks or set(stacks) - set(STACKS)):
             problems.append(f"stacks={list(stacks)} must be a non-empty subset of: {', '.join(STACKS)}")
         if validate_on not in VALIDATE_ON:
             problems.append(f"validate_on={validate_on} is not one of: {', '.join(VALIDATE_ON)}")
@@ -300,11 +434,11 @@ class ProgressiveTraining(Callback):
         layers, ffn = reduce in ("layers", "both"), reduce in ("ffn", "both")
         self.shapes = [Shape(f if layers else 1.0, f if ffn else 1.0) for f in fractions] + [FULL]
         self.stage_steps, self.stage_share = stage_steps, stage_share
-        self.stacks, self.validate_on = tuple(stacks), validate_on
+        self.stacks, self.validate_on = tuple(stacks) if stacks is not None else None, validate_on
         self.score_split, self.score_samples, self.score_seed = score_split, score_samples, score_seed
         self.gradient_clip_val = gradient_clip_val
         self.count_flops, self.flop_batches = count_flops, flop_batches
-        self.partial: PartialT5 | None = None
+        self.partial: PartialModel | None = None
         self.ends: list[int] = []  # the global step at which each partial stage ends
         self.stage = len(self.shapes) - 1  # the stage training is in (the last one: full model)
         self.steps = [0] * len(self.shapes)  # optimizer steps, examples and seconds trained in each stage
@@ -320,7 +454,7 @@ class ProgressiveTraining(Callback):
     # --- plan ------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.partial is None:
-            self.partial = PartialT5(pl_module.backbone, self.stacks)
+            self.partial = PartialModel(pl_module.backbone, self.stacks)
             self.partial.scores = self._scores
         # here, not in the configs: a method config cannot set trainer keys (trainer/default merges after it)
         if stage == TrainerFn.FITTING and self.gradient_clip_val is not None and trainer.gradient_clip_val is None:
