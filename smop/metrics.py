@@ -13,7 +13,12 @@ import string
 import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import (
+    BinaryF1Score,
+    BinaryMatthewsCorrCoef,
+    MulticlassAccuracy,
+    MulticlassF1Score,
+)
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -85,6 +90,8 @@ class TaskMetrics(MetricCollection):
             "accuracy": lambda: MulticlassAccuracy(num_classes=num_classes + 1, average="micro"),
             "f1_macro": lambda: MacroF1(num_classes),
             "f1a": lambda: BinaryF1Score(),
+            "f1": lambda: BinaryF1Score(),
+            "mcc": lambda: BinaryMatthewsCorrCoef(),
             "em": lambda: GroupExactMatch(),
         }
         super().__init__({name: builders[name]() for name in metrics}, compute_groups=False)
@@ -96,6 +103,8 @@ class TaskMetrics(MetricCollection):
                 metric.update(preds, target, groups)
             elif name == "f1a":
                 metric.update((preds == 1).long(), target)  # no label word counts as a negative answer
+            elif name in ("f1", "mcc"):  # binary: no label word is the wrong class
+                metric.update(torch.where(preds < 0, 1 - target, preds), target)
             else:
                 metric.update(torch.where(preds < 0, self.invalid, preds), target)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +28,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from smop.backbones.decoding import Decoding
 from smop.data import Task
+from smop.data.tasks import template_fields
 from smop.loading import CLI_DEFAULTS, USER_ERRORS, LoadedModel, hydra_cli, load
 from smop.metrics import to_label_index
 
 log = logging.getLogger(__name__)
-
-
-def template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def unlabeled_examples(task: Task, record: Any, position: int) -> list[tuple[Any, dict[str, Any]]]:
@@ -46,7 +42,7 @@ def unlabeled_examples(task: Task, record: Any, position: int) -> list[tuple[Any
     example per answer, with idx {paragraph, question, answer} as in the official submission format."""
     if not isinstance(record, dict):
         raise ValueError("a line must hold one JSON object")
-    if task.name == "multirc" and "passage" in record and "paragraph" not in record:
+    if task.format == "multirc" and "passage" in record and "paragraph" not in record:
         passage = record["passage"]
         pairs = [
             (
