@@ -65,7 +65,7 @@ def template_fields(template: str) -> list[str]:
 
 
 def check_fields(task: Task, record: dict[str, Any]) -> None:
-    missing = [name for name in task.fields if name not in record]
+    missing = [name for name in task.fields if record.get(name) is None]  # Parquet writes a missing value as null
     if missing:
         raise ValueError(f"missing field(s) {missing}; a {task.name} record needs {task.fields}")
 
