@@ -30,7 +30,7 @@ from smop.backbones.decoding import Decoding
 from smop.data import Task
 from smop.data.tasks import template_fields
 from smop.loading import CLI_DEFAULTS, USER_ERRORS, LoadedModel, hydra_cli, load
-from smop.metrics import to_label_index
+from smop.metrics import UNPARSABLE, to_label_index, to_number
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,14 @@ def write_predictions(
     outputs = loaded.generate([example for _, example in pairs], decoding)
     misses = 0
     for (idx, _), texts in zip(pairs, outputs, strict=True):
+        if loaded.task.target == "number":  # STS-B: the generated number (UNPARSABLE when it is none)
+            values = to_number(texts).tolist()
+            misses += sum(value == UNPARSABLE for value in values)
+            line = {"idx": idx, "value": values[0], "output": texts[0]}
+            if len(texts) > 1:
+                line = {"idx": idx, "values": values, "outputs": texts}
+            out.write(json.dumps(line) + "\n")
+            continue
         indices = to_label_index(texts, words).tolist()
         labels = [words[index] if index >= 0 else None for index in indices]
         misses += sum(index < 0 for index in indices)

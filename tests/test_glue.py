@@ -127,3 +127,56 @@ def test_every_glue_task_runs_end_to_end_on_its_sample(make_cfg, task):
 def test_glue_on_a_causal_backbone(make_cfg, task):
     overrides = [f"dataset={task}", "model=llama-tiny", "method=prompt_tuning", "method.prompt_length=4"]
     assert run(make_cfg(*overrides, "trainer.fast_dev_run=true"))["status"] == "completed"
+
+
+# --- STS-B: a number target --------------------------------------------------------------------------------------
+def test_stsb_targets_are_depts_rounded_scores(tmp_path):
+    rows = [
+        {"sentence1": f"a{i}", "sentence2": "b", "label": value, "idx": i}
+        for i, value in enumerate([3.84, 0.0, 5.0, 2.25])
+    ]
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows * 3) + "\n")
+    dm = datamodule("stsb", source="dir", data_dir=str(tmp_path))
+    dm.setup()
+    texts = [TOKENIZER.decode(row["labels"], skip_special_tokens=True) for row in dm.splits["test"][:4]]
+    assert texts == ["3.8", "0.0", "5.0", str(round(2.25, 1))]
+    assert [row["value"] for row in dm.splits["test"][:4]] == [3.84, 0.0, 5.0, 2.25]
+    assert dm.max_target_length == max(len(TOKENIZER(str(round(v / 10, 1))).input_ids) for v in range(51))
+    batch = dm.collate(dm.splits["test"][:4])
+    assert batch["value"].dtype == torch.float and batch["value"].tolist() == pytest.approx([3.84, 0.0, 5.0, 2.25])
+
+
+def test_pearson_and_spearman_with_an_unparsable_output():
+    from smop.metrics import UNPARSABLE, to_number
+
+    def pearson(a: list[float], b: list[float]) -> float:
+        ma, mb = sum(a) / len(a), sum(b) / len(b)
+        cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
+        return cov / (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
+
+    def ranks(values: list[float]) -> list[float]:  # ties share their mean rank
+        return [sum(1 for w in values if w < v) + (sum(1 for w in values if w == v) + 1) / 2 for v in values]
+
+    preds = to_number(["3.5", " 1.0", "five", "4.2", "nan", "0.5"])
+    assert preds.tolist() == pytest.approx([3.5, 1.0, UNPARSABLE, 4.2, UNPARSABLE, 0.5])
+    gold = torch.tensor([3.8, 1.2, 2.0, 4.9, 3.0, 0.0])
+    metrics = TaskMetrics(["pearson", "spearman"], num_classes=0)
+    metrics.update(preds, gold, torch.arange(6))
+    values = metrics.compute()
+    p, g = preds.tolist(), gold.tolist()
+    assert values["pearson"].item() == pytest.approx(pearson(p, g), abs=1e-5)
+    assert values["spearman"].item() == pytest.approx(pearson(ranks(p), ranks(g)), abs=1e-5)
+
+
+def test_a_label_metric_on_a_number_target_is_refused():
+    with pytest.raises(ValueError, match=r"metric\(s\) \['accuracy'\] do not score a number target \(stsb\)"):
+        Task("stsb", "{sentence1}", [], metrics=["accuracy"], target="number")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["t5-tiny", "llama-tiny"])
+def test_stsb_runs_end_to_end(make_cfg, model):
+    overrides = ["dataset=stsb", f"model={model}", "method=prompt_tuning", "method.prompt_length=4"]
+    results = run(make_cfg(*overrides, "trainer.fast_dev_run=true"))
+    assert results["status"] == "completed" and set(results["metrics"]["test"]) == {"pearson", "spearman", "score"}

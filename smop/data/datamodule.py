@@ -128,6 +128,8 @@ class TaskDataModule(L.LightningDataModule):
         fields: list[str] | None = None,
         format: str = "flat",
         splits: dict[str, str] | None = None,
+        target: str = "labels",
+        number_range: list[float] | None = None,
     ) -> None:
         """`causal`: the backbone is a decoder-only LM (see `encode` and `target_ids`); its whole sequence, prompt,
         source and target, fits `max_length`. `splits`: the hub split trained on (`train`) and the one tested on
@@ -148,6 +150,8 @@ class TaskDataModule(L.LightningDataModule):
             truncate_field,
             list(fields or []),
             format,
+            target,
+            list(number_range or [0.0, 5.0]),
         )
         self.split_names = {**DEFAULT_SPLITS, **dict(splits or {})}
         unknown = sorted(set(self.split_names) - set(DEFAULT_SPLITS))
@@ -173,8 +177,9 @@ class TaskDataModule(L.LightningDataModule):
 
     @property
     def max_target_length(self) -> int:
-        """Tokens of the longest label word, EOS included: the generation length at evaluation."""
-        return max(len(ids) for ids in target_ids(self.tokenizer, self.task.label_words, self.causal))
+        """Tokens of the longest target text (a label word, or a number of the task's range), EOS included: the
+        generation length at evaluation."""
+        return max(len(ids) for ids in target_ids(self.tokenizer, self.task.target_texts(), self.causal))
 
     def _raw(self, split: str) -> list[dict[str, Any]]:
         if self.source == "synthetic":
@@ -198,17 +203,21 @@ class TaskDataModule(L.LightningDataModule):
             val_units = {units[i] for i in split_train_val([0] * len(units), self.val_fraction, self.split_seed)[1]}
             train_ids = [i for i, p in enumerate(paragraphs) if p not in val_units]
             val_ids = [i for i, p in enumerate(paragraphs) if p in val_units]
-        else:  # stratified per label
-            train_ids, val_ids = split_train_val([r["label"] for r in train_raw], self.val_fraction, self.split_seed)
+        else:  # stratified per label (a number target: one stratum)
+            strata = [0 if self.task.target == "number" else r["label"] for r in train_raw]
+            train_ids, val_ids = split_train_val(strata, self.val_fraction, self.split_seed)
         raw = {"train": [train_raw[i] for i in train_ids], "val": [train_raw[i] for i in val_ids], "test": test_raw}
-        targets = target_ids(self.tokenizer, self.task.label_words, self.causal)
         for split, records in raw.items():
             examples = list(flatten(self.task, records))
             inputs = encode(self.task, self.tokenizer, examples, self.budget, self.causal)
+            targets = target_ids(self.tokenizer, [self.task.target_text(ex) for ex in examples], self.causal)
             self.splits[split] = [
-                {"input_ids": ids, "labels": targets[ex["label"]], "label_index": ex["label"], "group": ex["group"]}
-                for ids, ex in zip(inputs, examples, strict=True)
+                {"input_ids": ids, "labels": target, "label_index": ex["label"], "group": ex["group"]}
+                for ids, target, ex in zip(inputs, targets, examples, strict=True)
             ]
+            if self.task.target == "number":
+                for row, ex in zip(self.splits[split], examples, strict=True):
+                    row["value"] = ex["value"]
             for name, sequences in self.extra_ids(examples).items():
                 for row, ids in zip(self.splits[split], sequences, strict=True):
                     row[name] = ids
@@ -266,6 +275,8 @@ class TaskDataModule(L.LightningDataModule):
             "label_index": torch.tensor([row["label_index"] for row in rows]),
             "group": torch.tensor([row["group"] for row in rows]),
         }
+        if "value" in rows[0]:  # a number target's gold value
+            batch["value"] = torch.tensor([row["value"] for row in rows], dtype=torch.float)
         batch.update(self.pad_extra(rows))
         return batch
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FORMATS = ("flat", "multirc")  # a record per example, or MultiRC's paragraphs with nested questions and answers
-METRICS = ("accuracy", "f1_macro", "f1a", "f1", "mcc", "em")
+TARGETS = ("labels", "number")  # a label word per class, or a number written as text (STS-B)
+METRICS = ("accuracy", "f1_macro", "f1a", "f1", "mcc", "em", "pearson", "spearman")
+NUMBER_METRICS = ("pearson", "spearman")
 BINARY_METRICS = ("f1a", "f1", "mcc")  # of class 1 against class 0
 
 
@@ -28,21 +30,45 @@ class Task:
     truncate_field: str | None = None  # the long field cut first when prompt + input exceed max_length
     fields: list[str] = field(default_factory=list)  # what a record must hold; empty: the template's fields + label
     format: str = "flat"
+    target: str = "labels"
+    number_range: list[float] = field(default_factory=lambda: [0.0, 5.0])  # a number target's range (STS-B: 0-5)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"dataset.format={self.format} for {self.name}; allowed: {', '.join(FORMATS)}")
+        if self.target not in TARGETS:
+            raise ValueError(f"dataset.target={self.target} for {self.name}; allowed: {', '.join(TARGETS)}")
+        fits = NUMBER_METRICS if self.target == "number" else tuple(m for m in METRICS if m not in NUMBER_METRICS)
+        wrong = [name for name in self.metrics if name in METRICS and name not in fits]
+        if wrong:
+            raise ValueError(
+                f"metric(s) {wrong} do not score a {self.target} target ({self.name}); allowed: {', '.join(fits)}"
+            )
         unknown = set(self.metrics) - set(METRICS)
         if unknown:
             raise ValueError(f"Unknown metric(s) {sorted(unknown)} for {self.name}; allowed: {', '.join(METRICS)}")
         binary = [name for name in self.metrics if name in BINARY_METRICS]
-        if binary and len(self.label_words) != 2:
+        if binary and self.target == "labels" and len(self.label_words) != 2:
             raise ValueError(
                 f"metric(s) {binary} of {self.name} score two classes, but it has {len(self.label_words)} label words: "
                 "use accuracy or f1_macro"
             )
         if not self.fields:
             self.fields = [*template_fields(self.template), "label"]
+
+    def target_text(self, example: dict[str, Any]) -> str:
+        """What the model learns to generate: the label word, or the number rounded to one decimal (DePT's
+        `str(round(y, 1))`)."""
+        if self.target == "number":
+            return str(round(example["value"], 1))
+        return self.label_words[example["label"]]
+
+    def target_texts(self) -> list[str]:
+        """Every text the task can ask for: the label words, or each number of the range in steps of 0.1."""
+        if self.target == "number":
+            low, high = self.number_range
+            return [str(round(low + step / 10, 1)) for step in range(round((high - low) * 10) + 1)]
+        return list(self.label_words)
 
     def label_index(self, raw: Any) -> int:
         """Official files write labels as strings (RTE, CB), booleans (BoolQ, WiC) or ints (COPA, MultiRC)."""
@@ -77,7 +103,9 @@ def flatten(task: Task, records: Iterable[dict[str, Any]]) -> Iterator[dict[str,
     its question's id becomes the group used for exact match. Hub MultiRC rows are already flat.
     """
     for position, record in enumerate(records):
-        if task.format != "multirc":
+        if task.target == "number":
+            yield {**record, "label": -1, "value": float(record["label"]), "group": position}
+        elif task.format != "multirc":
             yield {**record, "label": task.label_index(record["label"]), "group": position}
         elif "paragraph" in record:  # the hub's flat layout
             group = record["idx"]["paragraph"] * 100_000 + record["idx"]["question"]
