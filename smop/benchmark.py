@@ -118,7 +118,7 @@ def task_rows(
     vocab_high: int,
     architecture: dict[str, Any],
 ) -> TaskRows:
-    """Rows of the task read through SuperGLUEDataModule (`benchmark.source`, sample by default), as training
+    """Rows of the task read through TaskDataModule (`benchmark.source`, sample by default), as training
     encodes them for this architecture's kind (a causal LM's source has no EOS; its target counts in `budget`).
 
     With a real tokenizer the ids are real, truncated to `budget` as in training. Without one

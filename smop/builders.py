@@ -12,15 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from smop.backbones import CAUSAL, build_backbone, model_kind
 from smop.checks import method_routes
-from smop.data import SuperGLUEDataModule
+from smop.data import TaskDataModule
 from smop.methods.base import PromptModule
 from smop.methods.instance import encoder_tokenizer
 from smop.module import PromptTuningSystem
 
 
-def build_datamodule(
-    cfg: DictConfig, tokenizer: Any, setup: bool = True, kind: str | None = None
-) -> SuperGLUEDataModule:
+def build_datamodule(cfg: DictConfig, tokenizer: Any, setup: bool = True, kind: str | None = None) -> TaskDataModule:
     """Read, split and tokenize the data now, so a malformed file fails before the model is built.
 
     `setup=False` reads nothing: the task and the training's truncation, for labelling new inputs (smop.predict).
@@ -51,7 +49,7 @@ def build_prompt(cfg: DictConfig, backbone: torch.nn.Module, tokenizer: Any) -> 
     return instantiate(cfg.method.module, embedding=backbone.get_input_embeddings(), tokenizer=tokenizer, **extra)
 
 
-def build_system(cfg: DictConfig, datamodule: SuperGLUEDataModule, tokenizer: Any) -> PromptTuningSystem:
+def build_system(cfg: DictConfig, datamodule: TaskDataModule, tokenizer: Any) -> PromptTuningSystem:
     tiny = OmegaConf.to_container(cfg.model.tiny) if cfg.model.get("tiny") else None
     backbone = build_backbone(cfg.model.name_or_path, tiny, cfg.model.get("dtype"))
     lora = OmegaConf.to_container(cfg.method.lora, resolve=True) if cfg.method.get("lora") else None

@@ -9,7 +9,7 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from smop.data.sources import SOURCES, SPLIT_FILES
+from smop.data.sources import DEFAULT_SPLITS, SOURCES, split_file
 from smop.validation import check_ranges
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -54,16 +54,15 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
         raise ValueError(f"dataset.source={data.source} is not one of: {', '.join(SOURCES)}")
     if data.source == "dir":
         if not data.get("data_dir"):
-            raise ValueError("dataset.source=dir needs dataset.data_dir=/path/to/folder (train.jsonl, val.jsonl)")
+            raise ValueError("dataset.source=dir needs dataset.data_dir=/path/to/folder (one file per split)")
         folder = Path(data.data_dir).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"dataset.data_dir={data.data_dir} does not exist or is not a folder")
-        missing = [name for name in SPLIT_FILES.values() if not (folder / name).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"dataset.data_dir={data.data_dir} lacks {', '.join(missing)} "
-                "(the official SuperGLUE train.jsonl and val.jsonl)"
-            )
+        for split in dict(data.get("splits") or DEFAULT_SPLITS).values():
+            try:
+                split_file(folder, split)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"dataset.data_dir={data.data_dir}: {err}") from err
     prompt_length = cfg.method.get("prompt_length", 0)
     if data.max_length <= prompt_length + 1:
         raise ValueError(

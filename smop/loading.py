@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 from smop.backbones import HubUnreachableError, build_tokenizer
 from smop.backbones.decoding import Decoding
 from smop.builders import build_datamodule, build_system
-from smop.data import SuperGLUEDataModule, Task
+from smop.data import Task, TaskDataModule
 from smop.data.datamodule import encode
 from smop.methods import current_targets
 from smop.metrics import to_label_index
@@ -48,7 +48,7 @@ class LoadedModel:
     """A trained system in eval mode, with the task and the tokenization it was trained with."""
 
     system: PromptTuningSystem
-    datamodule: SuperGLUEDataModule  # not set up: only its task, tokenizer and truncation budget are used
+    datamodule: TaskDataModule  # not set up: only its task, tokenizer and truncation budget are used
     config: dict[str, Any]  # the resolved training config
     source: Path
 
@@ -133,7 +133,7 @@ def with_model(config: dict[str, Any], model_name_or_path: str | Path | None) ->
     return config
 
 
-def build_from_config(config: dict[str, Any]) -> tuple[PromptTuningSystem, SuperGLUEDataModule]:
+def build_from_config(config: dict[str, Any]) -> tuple[PromptTuningSystem, TaskDataModule]:
     """The system `train.py` builds for this config (weights at init) and its data options; reads no data."""
     cfg = OmegaConf.create(config)
     tokenizer = build_tokenizer(cfg.model.name_or_path)
@@ -145,7 +145,7 @@ def build_from_config(config: dict[str, Any]) -> tuple[PromptTuningSystem, Super
 
 def ready(
     system: PromptTuningSystem,
-    datamodule: SuperGLUEDataModule,
+    datamodule: TaskDataModule,
     config: dict[str, Any],
     source: Path,
     device: str | torch.device | None,

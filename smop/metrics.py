@@ -7,13 +7,20 @@ reduces correctly across processes.
 
 from __future__ import annotations
 
+import math
 import re
 import string
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import (
+    BinaryF1Score,
+    BinaryMatthewsCorrCoef,
+    MulticlassAccuracy,
+    MulticlassF1Score,
+)
+from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -85,7 +92,11 @@ class TaskMetrics(MetricCollection):
             "accuracy": lambda: MulticlassAccuracy(num_classes=num_classes + 1, average="micro"),
             "f1_macro": lambda: MacroF1(num_classes),
             "f1a": lambda: BinaryF1Score(),
+            "f1": lambda: BinaryF1Score(),
+            "mcc": lambda: BinaryMatthewsCorrCoef(),
             "em": lambda: GroupExactMatch(),
+            "pearson": lambda: PearsonCorrCoef(),
+            "spearman": lambda: SpearmanCorrCoef(),
         }
         super().__init__({name: builders[name]() for name in metrics}, compute_groups=False)
         self.invalid = invalid
@@ -96,6 +107,10 @@ class TaskMetrics(MetricCollection):
                 metric.update(preds, target, groups)
             elif name == "f1a":
                 metric.update((preds == 1).long(), target)  # no label word counts as a negative answer
+            elif name in ("pearson", "spearman"):  # a number target: predicted and gold values
+                metric.update(preds.float(), target.float())
+            elif name in ("f1", "mcc"):  # binary: no label word is the wrong class
+                metric.update(torch.where(preds < 0, 1 - target, preds), target)
             else:
                 metric.update(torch.where(preds < 0, self.invalid, preds), target)
 
@@ -119,3 +134,19 @@ class RoutingCounts(Metric):
 
     def compute(self) -> Tensor:
         return self.counts
+
+
+UNPARSABLE = -1.0  # what an output that is no number counts as (the T5 codebases' string_to_float default)
+
+
+def to_number(outputs: list[str]) -> Tensor:
+    """Each output as a number (a number target, e.g. STS-B); an output that is none counts as UNPARSABLE."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            return UNPARSABLE
+        return value if math.isfinite(value) else UNPARSABLE
+
+    return torch.tensor([parse(text) for text in outputs], dtype=torch.float)

@@ -20,7 +20,7 @@ from smop.backbones.decoding import Decoding, truncate_at_stop
 from smop.data.tasks import Task
 from smop.methods.base import NO_INPUTS, PromptModule, PromptOutput
 from smop.methods.lora import add_lora
-from smop.metrics import RoutingCounts, TaskMetrics, to_label_index
+from smop.metrics import RoutingCounts, TaskMetrics, to_label_index, to_number
 
 SPLITS = ("train", "val", "test")
 FSDP_PREFIX = "_fsdp_wrapped_module."
@@ -191,8 +191,13 @@ class PromptTuningSystem(L.LightningModule):
             )
 
     def _eval_step(self, split: str, batch: dict[str, Tensor]) -> None:
-        preds, out = self.predict_labels(batch["input_ids"], batch["attention_mask"], self.prompt_inputs(batch))
-        self.task_metrics[_key(split)].update(preds, batch["label_index"], batch["group"])
+        inputs = (batch["input_ids"], batch["attention_mask"], self.prompt_inputs(batch))
+        if self.task.target == "number":  # the generated number against the gold value
+            texts, out = self.generate_texts(*inputs)
+            preds, gold = to_number(texts).to(batch["value"].device), batch["value"]
+        else:
+            (preds, out), gold = self.predict_labels(*inputs), batch["label_index"]
+        self.task_metrics[_key(split)].update(preds, gold, batch["group"])
         self._count_routes(split, out)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

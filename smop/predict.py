@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +28,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from smop.backbones.decoding import Decoding
 from smop.data import Task
+from smop.data.tasks import template_fields
 from smop.loading import CLI_DEFAULTS, USER_ERRORS, LoadedModel, hydra_cli, load
-from smop.metrics import to_label_index
+from smop.metrics import UNPARSABLE, to_label_index, to_number
 
 log = logging.getLogger(__name__)
-
-
-def template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def unlabeled_examples(task: Task, record: Any, position: int) -> list[tuple[Any, dict[str, Any]]]:
@@ -46,7 +42,7 @@ def unlabeled_examples(task: Task, record: Any, position: int) -> list[tuple[Any
     example per answer, with idx {paragraph, question, answer} as in the official submission format."""
     if not isinstance(record, dict):
         raise ValueError("a line must hold one JSON object")
-    if task.name == "multirc" and "passage" in record and "paragraph" not in record:
+    if task.format == "multirc" and "passage" in record and "paragraph" not in record:
         passage = record["passage"]
         pairs = [
             (
@@ -103,6 +99,14 @@ def write_predictions(
     outputs = loaded.generate([example for _, example in pairs], decoding)
     misses = 0
     for (idx, _), texts in zip(pairs, outputs, strict=True):
+        if loaded.task.target == "number":  # STS-B: the generated number (UNPARSABLE when it is none)
+            values = to_number(texts).tolist()
+            misses += sum(value == UNPARSABLE for value in values)
+            line = {"idx": idx, "value": values[0], "output": texts[0]}
+            if len(texts) > 1:
+                line = {"idx": idx, "values": values, "outputs": texts}
+            out.write(json.dumps(line) + "\n")
+            continue
         indices = to_label_index(texts, words).tolist()
         labels = [words[index] if index >= 0 else None for index in indices]
         misses += sum(index < 0 for index in indices)

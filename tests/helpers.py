@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from smop.backbones import build_tokenizer
 from smop.builders import build_datamodule, build_system
-from smop.data import SuperGLUEDataModule
+from smop.data import TaskDataModule
 from smop.module import PromptTuningSystem
 
 # 201 rows: 180 train (the floor of 90% of each label), an even count that two DDP ranks share without padding
@@ -155,7 +155,7 @@ class LastCheckpointSteps(Callback):
             LastCheckpointSteps.steps.append(torch.load(self.path, weights_only=True)["global_step"])
 
 
-def build_with_data(cfg: DictConfig) -> tuple[PromptTuningSystem, SuperGLUEDataModule]:
+def build_with_data(cfg: DictConfig) -> tuple[PromptTuningSystem, TaskDataModule]:
     """The system and its datamodule (set up), for tests that compose their own batches."""
     tokenizer = build_tokenizer(cfg.model.name_or_path)
     datamodule = build_datamodule(cfg, tokenizer)

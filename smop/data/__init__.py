@@ -1,6 +1,6 @@
-"""SuperGLUE data: task formats, sources (bundled samples, official JSONL folders, the hub), the DataModule."""
+"""Task data: record formats, sources (bundled samples, folders of split files, the hub), the DataModule."""
 
-from smop.data.datamodule import SuperGLUEDataModule
-from smop.data.tasks import TASKS, Task
+from smop.data.datamodule import TaskDataModule
+from smop.data.tasks import Task
 
-__all__ = ["TASKS", "SuperGLUEDataModule", "Task"]
+__all__ = ["TaskDataModule", "Task"]

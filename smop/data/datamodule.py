@@ -1,4 +1,4 @@
-"""SuperGLUE (and the synthetic mixture) as a LightningDataModule with dynamic padding per batch."""
+"""A task's records (SuperGLUE, GLUE, the synthetic mixture, ...) as a LightningDataModule with dynamic padding."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from smop.data.sources import SOURCES, load_split_records
+from smop.data.sources import DEFAULT_SPLITS, SOURCES, load_split_records
 from smop.data.synthetic import synthetic_mixture
 from smop.data.tasks import Task, flatten
 
@@ -97,8 +97,9 @@ class ResumableSampler(DistributedSampler):
         return iter(indices[self.skip :] if self.epoch == self.resume_epoch else indices)
 
 
-class SuperGLUEDataModule(L.LightningDataModule):
-    """Train / validation (a seeded 90/10 split of the official train set) / test (official validation)."""
+class TaskDataModule(L.LightningDataModule):
+    """Train / validation (a seeded 90/10 split of the official train set) / test (`splits.test`: the official
+    validation set by default)."""
 
     def __init__(
         self,
@@ -124,9 +125,15 @@ class SuperGLUEDataModule(L.LightningDataModule):
         seed: int = 0,
         encoder_tokenizer: PreTrainedTokenizerBase | None = None,
         causal: bool = False,
+        fields: list[str] | None = None,
+        format: str = "flat",
+        splits: dict[str, str] | None = None,
+        target: str = "labels",
+        number_range: list[float] | None = None,
     ) -> None:
         """`causal`: the backbone is a decoder-only LM (see `encode` and `target_ids`); its whole sequence, prompt,
-        source and target, fits `max_length`."""
+        source and target, fits `max_length`. `splits`: the hub split trained on (`train`) and the one tested on
+        (`test`), e.g. MNLI's validation_matched."""
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
@@ -135,8 +142,21 @@ class SuperGLUEDataModule(L.LightningDataModule):
                 f"dataset.max_length={max_length} leaves no room for the input after a {prompt_length}-token prompt"
             )
         self.task = Task(
-            name, template, list(label_words), list(label_names or []), list(metrics or ["accuracy"]), truncate_field
+            name,
+            template,
+            list(label_words),
+            list(label_names or []),
+            list(metrics or ["accuracy"]),
+            truncate_field,
+            list(fields or []),
+            format,
+            target,
+            list(number_range or [0.0, 5.0]),
         )
+        self.split_names = {**DEFAULT_SPLITS, **dict(splits or {})}
+        unknown = sorted(set(self.split_names) - set(DEFAULT_SPLITS))
+        if unknown:
+            raise ValueError(f"dataset.splits has {unknown}; it names the hub split of: {', '.join(DEFAULT_SPLITS)}")
         self.tokenizer = tokenizer
         # a separate encoder's own tokenizer (IDPG/LoPA with method.encoder=<model>): batches then carry its ids too
         self.encoder_tokenizer = encoder_tokenizer
@@ -157,8 +177,9 @@ class SuperGLUEDataModule(L.LightningDataModule):
 
     @property
     def max_target_length(self) -> int:
-        """Tokens of the longest label word, EOS included: the generation length at evaluation."""
-        return max(len(ids) for ids in target_ids(self.tokenizer, self.task.label_words, self.causal))
+        """Tokens of the longest target text (a label word, or a number of the task's range), EOS included: the
+        generation length at evaluation."""
+        return max(len(ids) for ids in target_ids(self.tokenizer, self.task.target_texts(), self.causal))
 
     def _raw(self, split: str) -> list[dict[str, Any]]:
         if self.source == "synthetic":
@@ -167,31 +188,36 @@ class SuperGLUEDataModule(L.LightningDataModule):
             options.pop("num_test" if split == "train" else "num_train", None)
             seed = self.split_seed + (0 if split == "train" else 1_000_003)
             return synthetic_mixture(count, seed=seed, **options)
-        return load_split_records(self.task, self.source, self.data_dir, self.hub_name, self.hub_config, split)
+        split_name = self.split_names[split]
+        return load_split_records(self.task, self.source, self.data_dir, self.hub_name, self.hub_config, split_name)
 
     def setup(self, stage: str | None = None) -> None:
         """Read, split, flatten and tokenize once; every later stage reuses it."""
         if self.splits:
             return
         train_raw, test_raw = self._raw("train"), self._raw("test")
-        if self.task.name == "multirc":  # split by paragraph, so no question or answer leaks across splits
+        if self.task.format == "multirc":  # split by paragraph, so no question or answer leaks across splits
             # an official record is one paragraph; the hub's flat rows (one per answer) share idx.paragraph
             paragraphs = [r["idx"]["paragraph"] if "paragraph" in r else i for i, r in enumerate(train_raw)]
             units = sorted(set(paragraphs))
             val_units = {units[i] for i in split_train_val([0] * len(units), self.val_fraction, self.split_seed)[1]}
             train_ids = [i for i, p in enumerate(paragraphs) if p not in val_units]
             val_ids = [i for i, p in enumerate(paragraphs) if p in val_units]
-        else:  # stratified per label
-            train_ids, val_ids = split_train_val([r["label"] for r in train_raw], self.val_fraction, self.split_seed)
+        else:  # stratified per label (a number target: one stratum)
+            strata = [0 if self.task.target == "number" else r["label"] for r in train_raw]
+            train_ids, val_ids = split_train_val(strata, self.val_fraction, self.split_seed)
         raw = {"train": [train_raw[i] for i in train_ids], "val": [train_raw[i] for i in val_ids], "test": test_raw}
-        targets = target_ids(self.tokenizer, self.task.label_words, self.causal)
         for split, records in raw.items():
             examples = list(flatten(self.task, records))
             inputs = encode(self.task, self.tokenizer, examples, self.budget, self.causal)
+            targets = target_ids(self.tokenizer, [self.task.target_text(ex) for ex in examples], self.causal)
             self.splits[split] = [
-                {"input_ids": ids, "labels": targets[ex["label"]], "label_index": ex["label"], "group": ex["group"]}
-                for ids, ex in zip(inputs, examples, strict=True)
+                {"input_ids": ids, "labels": target, "label_index": ex["label"], "group": ex["group"]}
+                for ids, target, ex in zip(inputs, targets, examples, strict=True)
             ]
+            if self.task.target == "number":
+                for row, ex in zip(self.splits[split], examples, strict=True):
+                    row["value"] = ex["value"]
             for name, sequences in self.extra_ids(examples).items():
                 for row, ids in zip(self.splits[split], sequences, strict=True):
                     row[name] = ids
@@ -249,6 +275,8 @@ class SuperGLUEDataModule(L.LightningDataModule):
             "label_index": torch.tensor([row["label_index"] for row in rows]),
             "group": torch.tensor([row["group"] for row in rows]),
         }
+        if "value" in rows[0]:  # a number target's gold value
+            batch["value"] = torch.tensor([row["value"] for row in rows], dtype=torch.float)
         batch.update(self.pad_extra(rows))
         return batch
 

@@ -1,4 +1,6 @@
-"""Where the raw SuperGLUE records come from: the bundled samples, a folder of official JSONL, or the hub."""
+"""Where a task's raw records come from: the bundled samples, a folder of files named after the hub's splits, or the
+Hugging Face hub. A split is named as on the hub (`train`, `validation`, `validation_matched`, ...); the dataset
+config's `splits` says which one is trained on and which one is the test set."""
 
 from __future__ import annotations
 
@@ -10,54 +12,90 @@ from typing import Any
 from smop.data.tasks import Task, check_fields, flatten
 
 SOURCES = ("sample", "dir", "hub", "synthetic")
-SPLIT_FILES = {"train": "train.jsonl", "test": "val.jsonl"}  # the official validation set is our test set
+SUFFIXES = (".jsonl", ".json", ".parquet")  # .json: JSON lines, as the hub's exports write them
+# Official distributions name some splits their own way: SuperGLUE's validation file is val.jsonl.
+ALIASES = {"validation": ("val",)}
+DEFAULT_SPLITS = {"train": "train", "test": "validation"}  # our role -> the hub's split name
 
 
-def read_jsonl(path: Path, task: Task) -> list[dict[str, Any]]:
-    """Parse and check every line; a bad one stops the run with its file and line number."""
+def split_candidates(split: str) -> list[str]:
+    return [f"{stem}{suffix}" for stem in (split, *ALIASES.get(split, ())) for suffix in SUFFIXES]
+
+
+def split_file(folder: Path, split: str) -> Path:
+    """The file of hub split `split` in `folder` (`<split>.jsonl|.json|.parquet`, or an official alias)."""
+    for name in split_candidates(split):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"{folder} holds no file for the {split!r} split: expected one of {', '.join(split_candidates(split))}"
+    )
+
+
+def check_record(task: Task, record: Any) -> None:
+    """One record in the task's layout: an object with its fields and a valid label (MultiRC's nesting too)."""
+    if not isinstance(record, dict):
+        raise ValueError("a line must hold one JSON object")
+    check_fields(task, record)
+    list(flatten(task, [record]))  # labels, and MultiRC's nested questions and answers
+
+
+def _checked(task: Task, where: str, record: Any) -> dict[str, Any]:
+    try:
+        check_record(task, record)
+    except KeyError as err:
+        raise ValueError(f"{where}: malformed {task.name} record: missing field {err}") from err
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: malformed {task.name} record: {err}") from err
+    return record
+
+
+def read_records(path: Path, task: Task) -> list[dict[str, Any]]:
+    """Parse and check every record of a JSON-lines or Parquet file; a bad one stops the run with its file and line
+    (or row)."""
     if not path.is_file():
-        raise FileNotFoundError(f"Missing data file {path}: a SuperGLUE folder holds train.jsonl and val.jsonl")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("a line must hold one JSON object")
-                check_fields(task, record)
-                list(flatten(task, [record]))  # labels, and MultiRC's nested questions and answers
-            except KeyError as err:
-                raise ValueError(f"{path}:{number}: malformed {task.name} record: missing field {err}") from err
-            except (ValueError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: malformed {task.name} record: {err}") from err
-            records.append(record)
+        raise FileNotFoundError(f"Missing data file {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+        records = [_checked(task, f"{path}: row {number}", row) for number, row in enumerate(rows, start=1)]
+    else:
+        records = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as err:
+                    raise ValueError(f"{path}:{number}: malformed {task.name} record: {err}") from err
+                records.append(_checked(task, f"{path}:{number}", record))
     if not records:
         raise ValueError(f"{path}: no records")
     return records
 
 
 def sample_dir(task_name: str) -> Path:
-    """The small SuperGLUE-format samples bundled with the package (written for this project)."""
+    """The small samples bundled with the package (written for this project), in each task's hub layout."""
     return Path(str(resources.files("smop.data") / "samples" / task_name))
 
 
 def load_split_records(
     task: Task, source: str, data_dir: str | None, hub_name: str, hub_config: str | None, split: str
 ) -> list[dict[str, Any]]:
-    """Raw records of the official `train` split or of the official validation set (our `test`)."""
+    """Raw records of the hub split `split` (e.g. `train`, `validation`) from the task's source."""
     if source == "sample":
-        return read_jsonl(sample_dir(task.name) / SPLIT_FILES[split], task)
+        return read_records(split_file(sample_dir(task.name), split), task)
     if source == "dir":
         if not data_dir:
-            raise ValueError("dataset.source=dir needs dataset.data_dir=/path/to/folder (train.jsonl, val.jsonl)")
+            raise ValueError("dataset.source=dir needs dataset.data_dir=/path/to/folder (one file per split)")
         folder = Path(data_dir).expanduser()
         if not folder.is_dir():
-            raise FileNotFoundError(f"dataset.data_dir={data_dir} is not a folder (expected train.jsonl, val.jsonl)")
-        return read_jsonl(folder / SPLIT_FILES[split], task)
+            raise FileNotFoundError(f"dataset.data_dir={data_dir} is not a folder (one file per split)")
+        return read_records(split_file(folder, split), task)
     if source == "hub":
-        return _load_hub(hub_name, hub_config or task.name, "train" if split == "train" else "validation")
+        return _load_hub(hub_name, hub_config or task.name, split)
     raise ValueError(f"Unknown dataset.source '{source}'; allowed: sample, dir, hub")
 
 
@@ -69,7 +107,8 @@ def _load_hub(name: str, config: str, split: str) -> list[dict[str, Any]]:
     except Exception as err:  # datasets raises many types for an unreachable hub
         cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ConnectionError(
-            f"Could not load {name}/{config} [{split}] from the Hugging Face hub: read the official SuperGLUE JSONL "
-            f"files instead, dataset={config} dataset.source=dir dataset.data_dir=/path/to/folder (train.jsonl, "
-            f"val.jsonl), or run the bundled sample, dataset.source=sample ({type(err).__name__}: {cause})"
+            f"Could not load {name}/{config} [{split}] from the Hugging Face hub: read its files from a folder "
+            f"instead, dataset.source=dir dataset.data_dir=/path/to/folder (one file per split: "
+            f"{', '.join(split_candidates(split)[:2])}, ...), or run the bundled sample, dataset.source=sample "
+            f"({type(err).__name__}: {cause})"
         ) from err

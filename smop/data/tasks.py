@@ -1,26 +1,21 @@
-"""SuperGLUE tasks as text-to-text: reading the official records into flat examples with a label index.
+"""Classification tasks as text-to-text: reading records (SuperGLUE, GLUE, ...) into flat examples with a label index.
 
-Each task's template, label words and metrics live in its dataset config; this module knows only what
-differs in the file formats: how labels are written, and MultiRC's nested paragraphs.
+Each task's fields, template, label words, splits and metrics live in its dataset config; this module knows only
+what differs in the record formats: how labels are written, and MultiRC's nested paragraphs (`format: multirc`).
 """
 
 from __future__ import annotations
 
+import string
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
-    "rte": ("premise", "hypothesis", "label"),
-    "cb": ("premise", "hypothesis", "label"),
-    "copa": ("premise", "choice1", "choice2", "question", "label"),
-    "wic": ("word", "sentence1", "sentence2", "label"),
-    "boolq": ("question", "passage", "label"),
-    "multirc": ("passage",),
-    "synthetic_mixture": ("text", "label"),
-}
-TASKS = tuple(REQUIRED_FIELDS)
-METRICS = ("accuracy", "f1_macro", "f1a", "em")
+FORMATS = ("flat", "multirc")  # a record per example, or MultiRC's paragraphs with nested questions and answers
+TARGETS = ("labels", "number")  # a label word per class, or a number written as text (STS-B)
+METRICS = ("accuracy", "f1_macro", "f1a", "f1", "mcc", "em", "pearson", "spearman")
+NUMBER_METRICS = ("pearson", "spearman")
+BINARY_METRICS = ("f1a", "f1", "mcc")  # of class 1 against class 0
 
 
 @dataclass
@@ -33,13 +28,47 @@ class Task:
     label_names: list[Any] = field(default_factory=list)  # raw label values in index order (strings in JSONL)
     metrics: list[str] = field(default_factory=lambda: ["accuracy"])  # official metrics; their mean is `score`
     truncate_field: str | None = None  # the long field cut first when prompt + input exceed max_length
+    fields: list[str] = field(default_factory=list)  # what a record must hold; empty: the template's fields + label
+    format: str = "flat"
+    target: str = "labels"
+    number_range: list[float] = field(default_factory=lambda: [0.0, 5.0])  # a number target's range (STS-B: 0-5)
 
     def __post_init__(self) -> None:
-        if self.name not in REQUIRED_FIELDS:
-            raise ValueError(f"Unknown task '{self.name}'; allowed: {', '.join(TASKS)}")
+        if self.format not in FORMATS:
+            raise ValueError(f"dataset.format={self.format} for {self.name}; allowed: {', '.join(FORMATS)}")
+        if self.target not in TARGETS:
+            raise ValueError(f"dataset.target={self.target} for {self.name}; allowed: {', '.join(TARGETS)}")
+        fits = NUMBER_METRICS if self.target == "number" else tuple(m for m in METRICS if m not in NUMBER_METRICS)
+        wrong = [name for name in self.metrics if name in METRICS and name not in fits]
+        if wrong:
+            raise ValueError(
+                f"metric(s) {wrong} do not score a {self.target} target ({self.name}); allowed: {', '.join(fits)}"
+            )
         unknown = set(self.metrics) - set(METRICS)
         if unknown:
             raise ValueError(f"Unknown metric(s) {sorted(unknown)} for {self.name}; allowed: {', '.join(METRICS)}")
+        binary = [name for name in self.metrics if name in BINARY_METRICS]
+        if binary and self.target == "labels" and len(self.label_words) != 2:
+            raise ValueError(
+                f"metric(s) {binary} of {self.name} score two classes, but it has {len(self.label_words)} label words: "
+                "use accuracy or f1_macro"
+            )
+        if not self.fields:
+            self.fields = [*template_fields(self.template), "label"]
+
+    def target_text(self, example: dict[str, Any]) -> str:
+        """What the model learns to generate: the label word, or the number rounded to one decimal (DePT's
+        `str(round(y, 1))`)."""
+        if self.target == "number":
+            return str(round(example["value"], 1))
+        return self.label_words[example["label"]]
+
+    def target_texts(self) -> list[str]:
+        """Every text the task can ask for: the label words, or each number of the range in steps of 0.1."""
+        if self.target == "number":
+            low, high = self.number_range
+            return [str(round(low + step / 10, 1)) for step in range(round((high - low) * 10) + 1)]
+        return list(self.label_words)
 
     def label_index(self, raw: Any) -> int:
         """Official files write labels as strings (RTE, CB), booleans (BoolQ, WiC) or ints (COPA, MultiRC)."""
@@ -56,10 +85,15 @@ class Task:
         return index
 
 
+def template_fields(template: str) -> list[str]:
+    """The fields a format string reads, in order."""
+    return list(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(template) if name))
+
+
 def check_fields(task: Task, record: dict[str, Any]) -> None:
-    missing = [name for name in REQUIRED_FIELDS[task.name] if name not in record]
+    missing = [name for name in task.fields if record.get(name) is None]  # Parquet writes a missing value as null
     if missing:
-        raise ValueError(f"missing field(s) {missing}; a {task.name} record needs {list(REQUIRED_FIELDS[task.name])}")
+        raise ValueError(f"missing field(s) {missing}; a {task.name} record needs {task.fields}")
 
 
 def flatten(task: Task, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -69,7 +103,9 @@ def flatten(task: Task, records: Iterable[dict[str, Any]]) -> Iterator[dict[str,
     its question's id becomes the group used for exact match. Hub MultiRC rows are already flat.
     """
     for position, record in enumerate(records):
-        if task.name != "multirc":
+        if task.target == "number":
+            yield {**record, "label": -1, "value": float(record["label"]), "group": position}
+        elif task.format != "multirc":
             yield {**record, "label": task.label_index(record["label"]), "group": position}
         elif "paragraph" in record:  # the hub's flat layout
             group = record["idx"]["paragraph"] * 100_000 + record["idx"]["question"]

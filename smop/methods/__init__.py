@@ -14,7 +14,12 @@ from smop.methods.prompt_tuning import PromptTuning
 from smop.methods.smop import SparseMixtureOfPrompts
 
 # Where earlier versions kept these classes: the configs saved in their checkpoints and exports still name them.
-MOVED = {"smop.prompts.": "smop.methods.", "smop.routers.": "smop.methods.routers.", "smop.fpt.": "smop.methods.fpt."}
+MOVED = {
+    "smop.prompts.": "smop.methods.",
+    "smop.routers.": "smop.methods.routers.",
+    "smop.fpt.": "smop.methods.fpt.",
+    "smop.data.SuperGLUEDataModule": "smop.data.TaskDataModule",
+}
 
 
 def current_targets(config: Any) -> Any:
