@@ -10,6 +10,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from smop.data.sources import DEFAULT_SPLITS, SOURCES, split_file
+from smop.data.splits import PROTOCOLS
 from smop.validation import check_ranges
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -58,11 +59,15 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
         folder = Path(data.data_dir).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"dataset.data_dir={data.data_dir} does not exist or is not a folder")
-        for split in dict(data.get("splits") or DEFAULT_SPLITS).values():
+        named = {**DEFAULT_SPLITS, **dict(data.get("splits") or {})}
+        for split in (named["train"], named["validation"]):  # every protocol reads these two (others when read)
             try:
                 split_file(folder, split)
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"dataset.data_dir={data.data_dir}: {err}") from err
+    protocol = data.get("split_protocol", "smop")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"dataset.split_protocol={protocol} is not one of: {', '.join(PROTOCOLS)}")
     prompt_length = cfg.method.get("prompt_length", 0)
     if data.max_length <= prompt_length + 1:
         raise ValueError(

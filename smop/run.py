@@ -96,6 +96,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         "cost": {},
         "routing": {"counts": {}},
         "versions": versions(),
+        "split": None,
         "status": "running",
     }
     system, callbacks, trainer, stage = None, [], None, "setup"
@@ -129,6 +130,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             L.seed_everything(cfg.seed, workers=True)
             tokenizer = build_tokenizer(cfg.model.name_or_path)
             datamodule = build_datamodule(cfg, tokenizer, kind=kind)
+            results["split"] = datamodule.split_info  # protocol, sizes and member hashes of train / val / test
             system = build_system(cfg, datamodule, tokenizer)
             callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
             callbacks += wandb_callbacks(loggers)  # routing histograms, when a WandbLogger is configured

@@ -160,6 +160,7 @@ RANGES: tuple[tuple[str, Spec], ...] = (
     ("dataset.val_fraction", spec(number(0, 1, low_open=True, high_open=True))),
     ("dataset.split_seed", spec(SEED)),
     ("dataset.num_workers", spec(integer(0))),
+    ("dataset.number_range", spec(number(), shape="list", note="a number target's [low, high], e.g. STS-B's [0, 5]")),
     ("dataset.synthetic.num_ranges", spec(integer(1))),
     ("dataset.synthetic.num_labels", spec(integer(1))),
     ("dataset.synthetic.min_length", spec(integer(1))),

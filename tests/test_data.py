@@ -536,7 +536,7 @@ def test_batches_pad_to_their_longest_row(task_dir) -> None:
 @pytest.mark.parametrize("task", SUPERGLUE)
 def test_bundled_samples(task: str) -> None:
     dm = make_dm(task)
-    for split, minimum in (("train", 60), ("test", 20)):
+    for split, minimum in (("train", 60), ("validation", 20)):
         records = read_records(split_file(sample_dir(task), dm.split_names[split]), dm.task)
         if task == "multirc":
             labels = [a["label"] for r in records for q in r["passage"]["questions"] for a in q["answers"]]

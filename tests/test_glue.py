@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from transformers import ByT5Tokenizer
 
 from smop.data import TaskDataModule
+from smop.data.sources import sample_dir
 from smop.data.tasks import Task
 from smop.metrics import TaskMetrics
 from smop.run import run
@@ -34,14 +35,14 @@ TOKENIZER = ByT5Tokenizer()
 def datamodule(task: str, **overrides) -> TaskDataModule:
     options = OmegaConf.to_container(OmegaConf.load(CONFIGS / "dataset" / f"{task}.yaml"))
     options = {k: v for k, v in options.items() if k not in ("_target_", "epochs")}
-    options.update(split_seed=0, **overrides)
+    options.update({"split_seed": 0, **overrides})
     return TaskDataModule(tokenizer=TOKENIZER, **options)
 
 
 @pytest.mark.parametrize("task", GLUE)
 def test_template_and_target_are_depts(task, tmp_path):
     record, text = KNOWN[task]
-    for split in ("train", datamodule(task).split_names["test"]):
+    for split in ("train", datamodule(task).split_names["validation"]):
         rows = [{**record, "idx": i} for i in range(10)]
         (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     dm = datamodule(task, source="dir", data_dir=str(tmp_path))
@@ -117,7 +118,8 @@ def test_every_glue_task_runs_end_to_end_on_its_sample(make_cfg, task):
     results = run(
         make_cfg(f"dataset={task}", "method=prompt_tuning", "method.prompt_length=4", "trainer.fast_dev_run=true")
     )
-    assert results["status"] == "completed"
+    assert results["status"] == "completed" and results["split"]["protocol"] == "smop"
+    assert results["split"]["examples"]["test"] == 24 and set(results["split"]["hash"]) == {"train", "val", "test"}
     expected = set(OmegaConf.load(CONFIGS / "dataset" / f"{task}.yaml").metrics) | {"score"}
     assert set(results["metrics"]["test"]) == expected
 
@@ -180,3 +182,53 @@ def test_stsb_runs_end_to_end(make_cfg, model):
     overrides = ["dataset=stsb", f"model={model}", "method=prompt_tuning", "method.prompt_length=4"]
     results = run(make_cfg(*overrides, "trainer.fast_dev_run=true"))
     assert results["status"] == "completed" and set(results["metrics"]["test"]) == {"pearson", "spearman", "score"}
+
+
+# --- split protocols ---------------------------------------------------------------------------------------------
+def test_dept_small_sets_validate_and_test_on_the_halves_of_the_official_validation_whatever_the_seed():
+    first, other = datamodule("cola", split_protocol="dept"), datamodule("cola", split_protocol="dept", split_seed=7)
+    first.setup(), other.setup()
+    assert first.split_info["records"] == {"train": 64, "val": 12, "test": 12}
+    assert first.split_info["hash"] == other.split_info["hash"]  # the permutation's seed is 42, not the run's
+    torch.manual_seed(42)
+    order = torch.randperm(24).tolist()  # the reference: torch.randperm after seeding 42
+    validation = [json.loads(line) for line in (sample_dir("cola") / "validation.jsonl").read_text().splitlines()]
+    expected = {validation[i]["sentence"][:40] for i in order[:12]}  # long rows are truncated to max_length
+    assert {TOKENIZER.decode(r["input_ids"], skip_special_tokens=True)[10:50] for r in first.splits["val"]} == expected
+
+
+def test_dept_large_sets_hold_out_1000_training_rows(tmp_path):
+    rows = [{"sentence": f"s{i}", "label": i % 2, "idx": i} for i in range(1100)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "validation.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:30]) + "\n")
+    dm = datamodule("sst2", source="dir", data_dir=str(tmp_path), split_protocol="dept")
+    dm.setup()
+    assert dm.split_info["records"] == {"train": 100, "val": 1000, "test": 30}
+
+
+def test_dept_mnli_validates_on_mismatched_and_tests_on_matched():
+    dm = datamodule("mnli", split_protocol="dept")
+    dm.setup()
+    assert dm.split_info["records"] == {"train": 66, "val": 24, "test": 24}
+    mismatched = (sample_dir("mnli") / "validation_mismatched.jsonl").read_text().splitlines()
+    first = TOKENIZER.decode(dm.splits["val"][0]["input_ids"], skip_special_tokens=True)
+    assert first == "premise: {premise} hypothesis: {hypothesis}".format(**json.loads(mismatched[0]))
+
+
+def test_the_official_protocol_needs_a_labelled_test_file(tmp_path):
+    with pytest.raises(ValueError, match=r"split_protocol=official tests on a labelled official test file, but cola"):
+        datamodule("cola", split_protocol="official").setup()
+    rows = [{"sentence": f"s{i}", "label": i % 2, "idx": i} for i in range(20)]
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    splits = {"train": "train", "validation": "validation", "test": "test"}
+    dm = datamodule("cola", source="dir", data_dir=str(tmp_path), split_protocol="official", splits=splits)
+    dm.setup()
+    assert dm.split_info["records"] == {"train": 20, "val": 20, "test": 20}
+
+
+def test_an_unknown_split_protocol_is_refused_by_name(make_cfg):
+    from smop.checks import check_config
+
+    with pytest.raises(ValueError, match=r"dataset.split_protocol=dpet is not one of: smop, dept, official"):
+        check_config(make_cfg("dataset=cola", "dataset.split_protocol=dpet"))

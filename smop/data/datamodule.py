@@ -13,7 +13,8 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from smop.data.sources import DEFAULT_SPLITS, SOURCES, load_split_records
+from smop.data.sources import DEFAULT_SPLITS, SOURCES, SPLIT_ROLES, load_split_records
+from smop.data.splits import PROTOCOLS, describe, divide, smop_split, units
 from smop.data.synthetic import synthetic_mixture
 from smop.data.tasks import Task, flatten
 
@@ -130,10 +131,12 @@ class TaskDataModule(L.LightningDataModule):
         splits: dict[str, str] | None = None,
         target: str = "labels",
         number_range: list[float] | None = None,
+        split_protocol: str = "smop",
+        dept_split: str = "small",
     ) -> None:
         """`causal`: the backbone is a decoder-only LM (see `encode` and `target_ids`); its whole sequence, prompt,
         source and target, fits `max_length`. `splits`: the hub split trained on (`train`) and the one tested on
-        (`test`), e.g. MNLI's validation_matched."""
+        (`test`), e.g. MNLI's validation_matched. `split_protocol`, `dept_split`: see smop.data.splits."""
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
@@ -153,10 +156,14 @@ class TaskDataModule(L.LightningDataModule):
             target,
             list(number_range or [0.0, 5.0]),
         )
-        self.split_names = {**DEFAULT_SPLITS, **dict(splits or {})}
-        unknown = sorted(set(self.split_names) - set(DEFAULT_SPLITS))
+        self.split_names = {**DEFAULT_SPLITS, **{k: v for k, v in dict(splits or {}).items() if v}}
+        unknown = sorted(set(self.split_names) - set(SPLIT_ROLES))
         if unknown:
-            raise ValueError(f"dataset.splits has {unknown}; it names the hub split of: {', '.join(DEFAULT_SPLITS)}")
+            raise ValueError(f"dataset.splits has {unknown}; it names the hub file of: {', '.join(SPLIT_ROLES)}")
+        if split_protocol not in PROTOCOLS:
+            raise ValueError(f"dataset.split_protocol={split_protocol} is not one of: {', '.join(PROTOCOLS)}")
+        self.split_protocol, self.dept_split = split_protocol, dept_split
+        self.split_info: dict[str, Any] = {}
         self.tokenizer = tokenizer
         # a separate encoder's own tokenizer (IDPG/LoPA with method.encoder=<model>): batches then carry its ids too
         self.encoder_tokenizer = encoder_tokenizer
@@ -181,32 +188,34 @@ class TaskDataModule(L.LightningDataModule):
         generation length at evaluation."""
         return max(len(ids) for ids in target_ids(self.tokenizer, self.task.target_texts(), self.causal))
 
-    def _raw(self, split: str) -> list[dict[str, Any]]:
-        if self.source == "synthetic":
+    def _raw(self, role: str) -> list[dict[str, Any]]:
+        """The records of the hub file with this role (train, validation, ...)."""
+        if self.source == "synthetic":  # its train and test sets, generated
             options = dict(self.synthetic)
-            count = options.pop("num_train" if split == "train" else "num_test")
-            options.pop("num_test" if split == "train" else "num_train", None)
-            seed = self.split_seed + (0 if split == "train" else 1_000_003)
+            count = options.pop("num_train" if role == "train" else "num_test")
+            options.pop("num_test" if role == "train" else "num_train", None)
+            seed = self.split_seed + (0 if role == "train" else 1_000_003)
             return synthetic_mixture(count, seed=seed, **options)
-        split_name = self.split_names[split]
+        if role not in self.split_names:
+            raise ValueError(f"{self.task.name} names no {role} file (dataset.splits.{role})")
+        split_name = self.split_names[role]
         return load_split_records(self.task, self.source, self.data_dir, self.hub_name, self.hub_config, split_name)
+
+    def _smop_rows(self, train: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+        """SMoP's 90/10 split of the training file: stratified per label (a number target: one stratum)."""
+        multirc = self.task.format == "multirc"  # split by paragraph: no question spans two splits
+        strata = [0 if self.task.target == "number" or multirc else r["label"] for r in train]
+        return smop_split(strata, units(train, multirc), self.val_fraction, self.split_seed, split_train_val)
 
     def setup(self, stage: str | None = None) -> None:
         """Read, split, flatten and tokenize once; every later stage reuses it."""
         if self.splits:
             return
-        train_raw, test_raw = self._raw("train"), self._raw("test")
-        if self.task.format == "multirc":  # split by paragraph, so no question or answer leaks across splits
-            # an official record is one paragraph; the hub's flat rows (one per answer) share idx.paragraph
-            paragraphs = [r["idx"]["paragraph"] if "paragraph" in r else i for i, r in enumerate(train_raw)]
-            units = sorted(set(paragraphs))
-            val_units = {units[i] for i in split_train_val([0] * len(units), self.val_fraction, self.split_seed)[1]}
-            train_ids = [i for i, p in enumerate(paragraphs) if p not in val_units]
-            val_ids = [i for i, p in enumerate(paragraphs) if p in val_units]
-        else:  # stratified per label (a number target: one stratum)
-            strata = [0 if self.task.target == "number" else r["label"] for r in train_raw]
-            train_ids, val_ids = split_train_val(strata, self.val_fraction, self.split_seed)
-        raw = {"train": [train_raw[i] for i in train_ids], "val": [train_raw[i] for i in val_ids], "test": test_raw}
+        protocol = "smop" if self.source == "synthetic" else self.split_protocol  # generated: its own test set
+        named = set(self.split_names)
+        multirc = self.task.format == "multirc"
+        parts = divide(protocol, self.dept_split, self._raw, named, self.task.name, self._smop_rows, multirc)
+        raw = {split: part.records for split, part in parts.items()}
         for split, records in raw.items():
             examples = list(flatten(self.task, records))
             inputs = encode(self.task, self.tokenizer, examples, self.budget, self.causal)
@@ -221,6 +230,7 @@ class TaskDataModule(L.LightningDataModule):
             for name, sequences in self.extra_ids(examples).items():
                 for row, ids in zip(self.splits[split], sequences, strict=True):
                     row[name] = ids
+        self.split_info = describe(protocol, parts, {split: len(rows) for split, rows in self.splits.items()})
 
     def extra_ids(self, examples: list[dict[str, Any]]) -> dict[str, list[list[int]]]:
         """The id sequences besides the backbone's that the method reads, per example, by field name (`*input_ids`):

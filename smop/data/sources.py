@@ -15,7 +15,10 @@ SOURCES = ("sample", "dir", "hub", "synthetic")
 SUFFIXES = (".jsonl", ".json", ".parquet")  # .json: JSON lines, as the hub's exports write them
 # Official distributions name some splits their own way: SuperGLUE's validation file is val.jsonl.
 ALIASES = {"validation": ("val",)}
-DEFAULT_SPLITS = {"train": "train", "test": "validation"}  # our role -> the hub's split name
+# the hub's files by role: the training split, the official validation split, another validation split (MNLI's
+# mismatched) and a labelled official test split; a task names those it has (dataset.splits)
+SPLIT_ROLES = ("train", "validation", "validation_alt", "test")
+DEFAULT_SPLITS = {"train": "train", "validation": "validation"}
 
 
 def split_candidates(split: str) -> list[str]:

@@ -53,6 +53,10 @@ class Task:
                 f"metric(s) {binary} of {self.name} score two classes, but it has {len(self.label_words)} label words: "
                 "use accuracy or f1_macro"
             )
+        if self.target == "number" and (len(self.number_range) != 2 or self.number_range[0] >= self.number_range[1]):
+            raise ValueError(
+                f"dataset.number_range={self.number_range} for {self.name}: give [low, high] with low < high"
+            )
         if not self.fields:
             self.fields = [*template_fields(self.template), "label"]
 

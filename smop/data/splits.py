@@ -1,0 +1,147 @@
+"""How a task's hub files become train / validation / test, by `dataset.split_protocol`:
+
+smop      a seeded 90/10 split of the training file (stratified per label; MultiRC by paragraph), the official
+          validation set as test: SMoP's protocol, the default.
+dept      DePT's rule, per task (`dataset.dept_split`): `small` sets validate and test on the two halves of the
+          permuted official validation set, `large` ones validate on 1,000 permuted training rows and test on the
+          official validation set, `official` ones (MNLI, PAWS) validate on their other validation file (MNLI's
+          mismatched) and test on the official one. The permutation seed is 42 whatever the training seed, as in
+          the reference (torch.randperm).
+official  train, the official validation set, and a labelled official test file (a task that has none is refused).
+
+Each run records its split (sizes and a hash of the member ids) in results.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PROTOCOLS = ("smop", "dept", "official")
+DEPT_RULES = ("small", "large", "official")
+DEPT_SEED = 42
+DEPT_VALIDATION_ROWS = 1000
+
+
+@dataclass
+class Part:
+    """Records of one split and where each came from: `<hub file role>:<row>`."""
+
+    records: list[dict[str, Any]]
+    ids: list[str]
+
+    @classmethod
+    def of(cls, role: str, records: list[dict[str, Any]], rows: list[int] | None = None) -> Part:
+        rows = list(range(len(records))) if rows is None else rows
+        return cls([records[i] for i in rows], [f"{role}:{i}" for i in rows])
+
+
+def units(records: list[dict[str, Any]], multirc: bool) -> list[Any]:
+    """The unit a split keeps together: a record, or a MultiRC paragraph (the hub's flat rows share idx.paragraph)."""
+    if not multirc:
+        return list(range(len(records)))
+    return [r["idx"]["paragraph"] if "paragraph" in r else i for i, r in enumerate(records)]
+
+
+def rows_of(unit_of_row: list[Any], chosen: set[Any]) -> list[int]:
+    return [i for i, unit in enumerate(unit_of_row) if unit in chosen]
+
+
+def permuted_units(unit_of_row: list[Any]) -> list[Any]:
+    """The distinct units in DePT's order: torch.randperm with seed 42."""
+    distinct = list(dict.fromkeys(unit_of_row))
+    order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(DEPT_SEED)).tolist()
+    return [distinct[i] for i in order]
+
+
+def smop_split(
+    strata: list[Any],
+    unit_of_row: list[Any],
+    val_fraction: float,
+    seed: int,
+    stratified_split: Callable[[list[Any], float, int], tuple[list[int], list[int]]],
+) -> tuple[list[int], list[int]]:
+    """Rows of the training file kept for training and held out for validation (SMoP's protocol)."""
+    distinct = sorted(set(unit_of_row))
+    if len(distinct) < len(unit_of_row):  # MultiRC: split whole paragraphs, no question spans two splits
+        held = {distinct[i] for i in stratified_split([0] * len(distinct), val_fraction, seed)[1]}
+        return [i for i, u in enumerate(unit_of_row) if u not in held], rows_of(unit_of_row, held)
+    return stratified_split(strata, val_fraction, seed)
+
+
+def divide(
+    protocol: str,
+    dept_split: str,
+    read: Callable[[str], list[dict[str, Any]]],
+    named: set[str],
+    task_name: str,
+    smop_rows: Callable[[list[dict[str, Any]]], tuple[list[int], list[int]]],
+    multirc: bool,
+) -> dict[str, Part]:
+    """train / val / test Parts of a task under `protocol`; `read(role)` reads a hub file by its role."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"dataset.split_protocol={protocol} is not one of: {', '.join(PROTOCOLS)}")
+    train = read("train")
+    if protocol == "smop":
+        kept, held = smop_rows(train)
+        return {
+            "train": Part.of("train", train, kept),
+            "val": Part.of("train", train, held),
+            "test": Part.of("validation", read("validation")),
+        }
+    if protocol == "official":
+        if "test" not in named:
+            raise ValueError(
+                f"dataset.split_protocol=official tests on a labelled official test file, but {task_name} has none "
+                "(dataset.splits.test): use split_protocol=smop or dept"
+            )
+        return {
+            "train": Part.of("train", train),
+            "val": Part.of("validation", read("validation")),
+            "test": Part.of("test", read("test")),
+        }
+    if dept_split not in DEPT_RULES:
+        raise ValueError(f"dataset.dept_split={dept_split} for {task_name} is not one of: {', '.join(DEPT_RULES)}")
+    if dept_split == "small":
+        validation = read("validation")
+        unit_of_row = units(validation, multirc)
+        order = permuted_units(unit_of_row)
+        half = len(order) // 2
+        first, second = set(order[:half]), set(order[half:])
+        return {
+            "train": Part.of("train", train),
+            "val": Part.of("validation", validation, rows_of(unit_of_row, first)),
+            "test": Part.of("validation", validation, rows_of(unit_of_row, second)),
+        }
+    if dept_split == "large":
+        unit_of_row = units(train, multirc)
+        order = permuted_units(unit_of_row)
+        held = set(order[:DEPT_VALIDATION_ROWS])
+        kept = [i for i, u in enumerate(unit_of_row) if u not in held]
+        return {
+            "train": Part.of("train", train, kept),
+            "val": Part.of("train", train, rows_of(unit_of_row, held)),
+            "test": Part.of("validation", read("validation")),
+        }
+    val_role = "validation_alt" if "validation_alt" in named else "validation"
+    test_role = "test" if "test" in named else "validation"
+    return {
+        "train": Part.of("train", train),
+        "val": Part.of(val_role, read(val_role)),
+        "test": Part.of(test_role, read(test_role)),
+    }
+
+
+def describe(protocol: str, parts: dict[str, Part], examples: dict[str, int]) -> dict[str, Any]:
+    """What results.json records of the split: the protocol, sizes (records and examples) and a hash of each
+    split's member ids, so two runs can be checked to have used the same rows."""
+    return {
+        "protocol": protocol,
+        "records": {name: len(part.ids) for name, part in parts.items()},
+        "examples": dict(examples),
+        "hash": {name: hashlib.sha256("\n".join(part.ids).encode()).hexdigest()[:16] for name, part in parts.items()},
+    }
