@@ -246,7 +246,8 @@ def test_predict_streams_labels_and_names_the_bad_line(trained, tmp_path):
 
 
 def test_multirc_inputs_give_one_prediction_per_answer():
-    task = Task("multirc", "question: {question} answer: {answer} paragraph: {paragraph}", ["False", "True"])
+    template = "question: {question} answer: {answer} paragraph: {paragraph}"
+    task = Task("multirc", template, ["False", "True"], format="multirc")
     record = json.loads((sample_dir("multirc") / "val.jsonl").read_text().splitlines()[0])
     pairs = unlabeled_examples(task, record, 0)
     answers = [(q["idx"], a["idx"]) for q in record["passage"]["questions"] for a in q["answers"]]
