@@ -119,6 +119,10 @@ def test_train_false_takes_init_from_instead_of_ckpt_path(make_cfg, tmp_path):
     ckpt.write_bytes(b"")
     with pytest.raises(InitFromError, match="give one"):
         check_config(make_cfg("method=prompt_tuning", "train=false", f"ckpt_path={ckpt}", f"method.init_from={ckpt}"))
+    gone = f"method.init_from={tmp_path / 'gone.ckpt'}"
+    check_config(make_cfg("method=prompt_tuning", "ckpt_path=last", gone))  # resuming: the checkpoint holds the weights
+    with pytest.raises(FileNotFoundError, match="gone.ckpt"):
+        check_config(make_cfg("method=prompt_tuning", gone))
 
 
 @pytest.fixture(scope="module")

@@ -193,7 +193,8 @@ def check_init_from(cfg: DictConfig) -> None:
             f"train=false with both ckpt_path={cfg.ckpt_path} and method.init_from={path}: give one (the checkpoint "
             "to evaluate as it was trained, or the prompt to evaluate in this config)"
         )
-    read_source(path)
+    if not cfg.get("ckpt_path"):  # a resumed run's checkpoint holds the weights: its source may be gone
+        read_source(path)
 
 
 def describe(state: dict[str, Tensor]) -> str:
