@@ -4,6 +4,7 @@ The job runner (smop.run), export, serving, prediction, the benchmark and the te
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -16,6 +17,8 @@ from smop.data import TaskDataModule
 from smop.methods.base import PromptModule
 from smop.methods.instance import encoder_tokenizer
 from smop.module import PromptTuningSystem
+
+log = logging.getLogger(__name__)
 
 
 def build_datamodule(cfg: DictConfig, tokenizer: Any, setup: bool = True, kind: str | None = None) -> TaskDataModule:
@@ -49,9 +52,15 @@ def build_prompt(cfg: DictConfig, backbone: torch.nn.Module, tokenizer: Any) -> 
     return instantiate(cfg.method.module, embedding=backbone.get_input_embeddings(), tokenizer=tokenizer, **extra)
 
 
-def build_system(cfg: DictConfig, datamodule: TaskDataModule, tokenizer: Any) -> PromptTuningSystem:
+def build_system(
+    cfg: DictConfig, datamodule: TaskDataModule, tokenizer: Any, init_from: bool = True
+) -> PromptTuningSystem:
+    """`init_from=False`: leave method.init_from unread (a saved config rebuilt to take its own trained weights)."""
     tiny = OmegaConf.to_container(cfg.model.tiny) if cfg.model.get("tiny") else None
     backbone = build_backbone(cfg.model.name_or_path, tiny, cfg.model.get("dtype"))
+    prompt = build_prompt(cfg, backbone, tokenizer)
+    if init_from and prompt is not None and cfg.method.get("init_from"):
+        initialise_prompt(cfg, prompt, backbone.get_input_embeddings().embedding_dim)
     lora = OmegaConf.to_container(cfg.method.lora, resolve=True) if cfg.method.get("lora") else None
     if lora is not None and lora.get("target_modules") is None:  # the architecture's modules (Llama: q_proj, v_proj)
         targets = cfg.model.get("lora_target_modules")
@@ -60,7 +69,7 @@ def build_system(cfg: DictConfig, datamodule: TaskDataModule, tokenizer: Any) ->
         backbone=backbone,
         tokenizer=tokenizer,
         task=datamodule.task,
-        prompt=build_prompt(cfg, backbone, tokenizer),
+        prompt=prompt,
         optimizer=instantiate(cfg.optimizer),
         warmup_ratio=cfg.warmup_ratio,
         warmup_steps=cfg.get("warmup_steps"),
@@ -71,6 +80,16 @@ def build_system(cfg: DictConfig, datamodule: TaskDataModule, tokenizer: Any) ->
         lora=lora,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
+
+
+def initialise_prompt(cfg: DictConfig, prompt: PromptModule, width: int) -> None:
+    """The prompt's trained weights from method.init_from; a checkpoint to resume or evaluate replaces them anyway."""
+    from smop.methods.init_from import initialise  # it reads our checkpoints through smop.loading, which builds here
+
+    if cfg.get("ckpt_path"):
+        log.info("method.init_from=%s left unread: ckpt_path=%s holds the weights", cfg.method.init_from, cfg.ckpt_path)
+        return
+    initialise(prompt, cfg, width)
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

@@ -74,8 +74,16 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
             f"dataset.max_length={data.max_length} leaves no room for input after a "
             f"{prompt_length}-token prompt (method.prompt_length)"
         )
-    if not cfg.train and not cfg.get("ckpt_path"):
-        raise ValueError("train=false evaluates a checkpoint: give ckpt_path=/path/to/checkpoint.ckpt")
+    init_from = cfg.method.get("init_from")
+    if not cfg.train and not cfg.get("ckpt_path") and not init_from:
+        raise ValueError(
+            "train=false evaluates a checkpoint: give ckpt_path=/path/to/checkpoint.ckpt, or method.init_from=PATH "
+            "(a checkpoint, an export, a peft prompt-tuning or a DePT folder) to evaluate that prompt in this config"
+        )
+    if init_from:
+        from smop.methods.init_from import check_init_from  # it imports Refused from here
+
+        check_init_from(cfg)
     if cfg.get("ckpt_path") and cfg.ckpt_path != "last":
         check_checkpoint(cfg.ckpt_path)
 

@@ -139,7 +139,7 @@ def build_from_config(config: dict[str, Any]) -> tuple[PromptTuningSystem, TaskD
     tokenizer = build_tokenizer(cfg.model.name_or_path)
     datamodule = build_datamodule(cfg, tokenizer, setup=False)
     with seeded(cfg.seed):
-        system = build_system(cfg, datamodule, tokenizer)
+        system = build_system(cfg, datamodule, tokenizer, init_from=False)  # its own weights follow
     return system, datamodule
 
 
