@@ -98,19 +98,20 @@ def load_split_records(
             raise FileNotFoundError(f"dataset.data_dir={data_dir} is not a folder (one file per split)")
         return read_records(split_file(folder, split), task)
     if source == "hub":
-        return _load_hub(hub_name, hub_config or task.name, split)
+        return _load_hub(hub_name, hub_config, split)  # null: the dataset's only (unnamed) config
     raise ValueError(f"Unknown dataset.source '{source}'; allowed: sample, dir, hub")
 
 
-def _load_hub(name: str, config: str, split: str) -> list[dict[str, Any]]:
+def _load_hub(name: str, config: str | None, split: str) -> list[dict[str, Any]]:
     import datasets
 
     try:
         return list(datasets.load_dataset(name, config, split=split))
     except Exception as err:  # datasets raises many types for an unreachable hub
         cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        where = f"{name}/{config}" if config else name
         raise ConnectionError(
-            f"Could not load {name}/{config} [{split}] from the Hugging Face hub: read its files from a folder "
+            f"Could not load {where} [{split}] from the Hugging Face hub: read its files from a folder "
             f"instead, dataset.source=dir dataset.data_dir=/path/to/folder (one file per split: "
             f"{', '.join(split_candidates(split)[:2])}, ...), or run the bundled sample, dataset.source=sample "
             f"({type(err).__name__}: {cause})"
