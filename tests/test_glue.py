@@ -232,3 +232,8 @@ def test_an_unknown_split_protocol_is_refused_by_name(make_cfg):
 
     with pytest.raises(ValueError, match=r"dataset.split_protocol=dpet is not one of: smop, dept, official"):
         check_config(make_cfg("dataset=cola", "dataset.split_protocol=dpet"))
+
+
+def test_dept_large_on_a_sample_smaller_than_its_held_out_rows_is_refused():
+    with pytest.raises(ValueError, match=r"dept_split=large holds out 1,000 training rows .* sst2's training file has"):
+        datamodule("sst2", split_protocol="dept").setup()

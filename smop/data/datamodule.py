@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from smop.data.sources import DEFAULT_SPLITS, SOURCES, SPLIT_ROLES, load_split_records
 from smop.data.splits import PROTOCOLS, describe, divide, smop_split, units
 from smop.data.synthetic import synthetic_mixture
-from smop.data.tasks import Task, flatten
+from smop.data.tasks import Task, flatten, raw_label
 
 
 def split_train_val(labels: list[Any], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -133,10 +133,12 @@ class TaskDataModule(L.LightningDataModule):
         number_range: list[float] | None = None,
         split_protocol: str = "smop",
         dept_split: str = "small",
+        label_field: str = "label",
     ) -> None:
         """`causal`: the backbone is a decoder-only LM (see `encode` and `target_ids`); its whole sequence, prompt,
         source and target, fits `max_length`. `splits`: the hub split trained on (`train`) and the one tested on
-        (`test`), e.g. MNLI's validation_matched. `split_protocol`, `dept_split`: see smop.data.splits."""
+        (`test`), e.g. MNLI's validation_matched. `label_field`: the record's label field (WinoGrande's `answer`).
+        `split_protocol`, `dept_split`: see smop.data.splits."""
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
@@ -155,6 +157,7 @@ class TaskDataModule(L.LightningDataModule):
             format,
             target,
             list(number_range or [0.0, 5.0]),
+            label_field,
         )
         self.split_names = {**DEFAULT_SPLITS, **{k: v for k, v in dict(splits or {}).items() if v}}
         unknown = sorted(set(self.split_names) - set(SPLIT_ROLES))
@@ -204,7 +207,7 @@ class TaskDataModule(L.LightningDataModule):
     def _smop_rows(self, train: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
         """SMoP's 90/10 split of the training file: stratified per label (a number target: one stratum)."""
         multirc = self.task.format == "multirc"  # split by paragraph: no question spans two splits
-        strata = [0 if self.task.target == "number" or multirc else r["label"] for r in train]
+        strata = [0 if self.task.target == "number" or multirc else raw_label(self.task, r) for r in train]
         return smop_split(strata, units(train, multirc), self.val_fraction, self.split_seed, split_train_val)
 
     def setup(self, stage: str | None = None) -> None:

@@ -98,21 +98,21 @@ def load_split_records(
             raise FileNotFoundError(f"dataset.data_dir={data_dir} is not a folder (one file per split)")
         return read_records(split_file(folder, split), task)
     if source == "hub":
-        config = hub_config or task.name
         try:
-            return _load_hub(hub_name, config, split)
+            return _load_hub(hub_name, hub_config, split)  # null: the dataset's only (unnamed) config
         except Exception as err:  # datasets raises many types for an unreachable hub
             cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            where = f"{hub_name}/{hub_config}" if hub_config else hub_name
             raise ConnectionError(
-                f"Could not load {hub_name}/{config} [{split}] from the Hugging Face hub: read the official files from "
-                f"a folder instead, dataset={task.name} dataset.source=dir dataset.data_dir=/path/to/folder (one file "
-                f"per split: {', '.join(split_candidates(split)[:2])}, ...), or run the bundled sample, "
+                f"Could not load {where} [{split}] from the Hugging Face hub: read the official files from a folder "
+                f"instead, dataset={task.name} dataset.source=dir dataset.data_dir=/path/to/folder (one file per "
+                f"split: {', '.join(split_candidates(split)[:2])}, ...), or run the bundled sample, "
                 f"dataset.source=sample ({type(err).__name__}: {cause})"
             ) from err
     raise ValueError(f"Unknown dataset.source '{source}'; allowed: sample, dir, hub")
 
 
-def _load_hub(name: str, config: str, split: str) -> list[dict[str, Any]]:
+def _load_hub(name: str, config: str | None, split: str) -> list[dict[str, Any]]:
     import datasets
 
     return list(datasets.load_dataset(name, config, split=split))

@@ -122,6 +122,12 @@ def divide(
         order = permuted_units(unit_of_row)
         held = set(order[:DEPT_VALIDATION_ROWS])
         kept = [i for i, u in enumerate(unit_of_row) if u not in held]
+        if not kept:
+            raise ValueError(
+                f"dataset.dept_split=large holds out {DEPT_VALIDATION_ROWS:,} training rows for validation, but "
+                f"{task_name}'s training file has only {len(order):,}: use split_protocol=smop (e.g. for a bundled "
+                "sample) or the full data"
+            )
         return {
             "train": Part.of("train", train, kept),
             "val": Part.of("train", train, rows_of(unit_of_row, held)),

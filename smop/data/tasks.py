@@ -32,6 +32,7 @@ class Task:
     format: str = "flat"
     target: str = "labels"
     number_range: list[float] = field(default_factory=lambda: [0.0, 5.0])  # a number target's range (STS-B: 0-5)
+    label_field: str = "label"  # the record's field holding the label (WinoGrande: answer, SciTail: gold_label)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -58,7 +59,7 @@ class Task:
                 f"dataset.number_range={self.number_range} for {self.name}: give [low, high] with low < high"
             )
         if not self.fields:
-            self.fields = [*template_fields(self.template), "label"]
+            self.fields = [*template_fields(self.template), self.label_field]
 
     def target_text(self, example: dict[str, Any]) -> str:
         """What the model learns to generate: the label word, or the number rounded to one decimal (DePT's
@@ -100,20 +101,33 @@ def check_fields(task: Task, record: dict[str, Any]) -> None:
         raise ValueError(f"missing field(s) {missing}; a {task.name} record needs {task.fields}")
 
 
+def raw_label(task: Task, record: dict[str, Any]) -> Any:
+    """The record's label value, read from `task.label_field`; a record without it is refused by that name (hub rows
+    are not checked field by field before they are flattened)."""
+    value = record.get(task.label_field)
+    if value is None:
+        raise ValueError(
+            f"a {task.name} record has no label field {task.label_field!r} (dataset.label_field); "
+            f"its fields: {sorted(record)}"
+        )
+    return value
+
+
 def flatten(task: Task, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Official records -> flat examples with `label` as an index and `group` (MultiRC's question id).
 
-    MultiRC holds paragraphs with nested questions and answers; each answer becomes one example, and
-    its question's id becomes the group used for exact match. Hub MultiRC rows are already flat.
+    The label is read from `task.label_field` and written to `label`. MultiRC holds paragraphs with nested questions
+    and answers; each answer becomes one example, and its question's id becomes the group used for exact match. Hub
+    MultiRC rows are already flat.
     """
     for position, record in enumerate(records):
         if task.target == "number":
-            yield {**record, "label": -1, "value": float(record["label"]), "group": position}
+            yield {**record, "label": -1, "value": float(raw_label(task, record)), "group": position}
         elif task.format != "multirc":
-            yield {**record, "label": task.label_index(record["label"]), "group": position}
+            yield {**record, "label": task.label_index(raw_label(task, record)), "group": position}
         elif "paragraph" in record:  # the hub's flat layout
             group = record["idx"]["paragraph"] * 100_000 + record["idx"]["question"]
-            yield {**record, "label": task.label_index(record["label"]), "group": group}
+            yield {**record, "label": task.label_index(raw_label(task, record)), "group": group}
         else:
             passage = record["passage"]
             for question in passage["questions"]:
