@@ -3,6 +3,8 @@ dept_glue / dept_superglue / fpt_* experiments (per-task step budgets) composed 
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 from collections import Counter
 
@@ -13,6 +15,7 @@ from transformers import ByT5Tokenizer
 
 from smop.checks import check_config
 from smop.data import TaskDataModule
+from smop.run import run
 
 TOKENIZER = ByT5Tokenizer()
 
@@ -73,3 +76,26 @@ def test_k_shot_is_refused_before_anything_is_built(make_cfg):
         check_config(make_cfg("dataset=stsb", "dataset.k_shot=8"))
     with pytest.raises(ValueError, match=r"dataset.k_shot=0 is out of range: must be null or an integer >= 1"):
         check_config(make_cfg("dataset=cola", "dataset.k_shot=0"))
+
+
+# --- step-based training -----------------------------------------------------------------------------------------
+STEPS = ["trainer=steps", "trainer.max_steps=6", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1"]
+
+
+def test_step_based_training_validates_every_n_steps_across_epochs_and_tests_the_best_step(make_cfg, tmp_path):
+    """54 training rows in batches of 24: 3 steps an epoch, so evaluations at steps 2, 4 and 6 fall in both epochs,
+    mid-epoch too (per-epoch counting would give 2 and 5); the tested checkpoint is the best of them. The CSV logs
+    the 0-based index of the step, hence + 1."""
+    task = ["dataset=synthetic_mixture", "dataset.synthetic.num_train=60", "dataset.synthetic.num_test=8"]
+    task += ["dataset.batch_size=24", "method=prompt_tuning", "method.prompt_length=4"]
+    results = run(make_cfg(*task, *STEPS, "~callbacks.flop_counter", "callbacks.early_stopping=null"))
+    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+    evaluations = [(int(r["step"]) + 1, int(r["epoch"]), float(r["val/score"])) for r in rows if r.get("val/score")][:3]
+    assert [(step, epoch) for step, epoch, _ in evaluations] == [(2, 0), (4, 1), (6, 1)]
+    best = max(evaluations, key=lambda item: item[2])  # the first of equal scores, as the checkpoint keeps
+    metrics = results["metrics"]
+    assert (metrics["best_step"], metrics["best_epoch"]) == best[:2]
+    assert metrics["val"]["score"] == pytest.approx(best[2])
+    saved = sorted(path.name for path in (tmp_path / "checkpoints").glob("best-*.ckpt"))
+    assert saved == [f"best-epoch{best[1]:03d}-step{best[0]:06d}.ckpt"]
+    assert json.loads((tmp_path / "results.json").read_text())["metrics"]["best_step"] == best[0]
