@@ -99,3 +99,57 @@ def test_step_based_training_validates_every_n_steps_across_epochs_and_tests_the
     saved = sorted(path.name for path in (tmp_path / "checkpoints").glob("best-*.ckpt"))
     assert saved == [f"best-epoch{best[1]:03d}-step{best[0]:06d}.ckpt"]
     assert json.loads((tmp_path / "results.json").read_text())["metrics"]["best_step"] == best[0]
+
+
+# --- experiments -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("experiment", "task", "steps", "max_length"),
+    [
+        ("dept_glue", "mrpc", 10_000, 316),
+        ("dept_glue", "mnli", 250_000, 316),
+        ("dept_glue", "cola", 40_000, 316),
+        ("dept_superglue", "wic", 20_000, 316),
+        ("dept_superglue", "multirc", 30_000, 408),
+    ],
+)
+def test_dept_experiments_take_each_tasks_released_steps(make_cfg, experiment, task, steps, max_length):
+    cfg = make_cfg(f"experiment={experiment}", f"dataset={task}")
+    check_config(cfg)
+    assert (cfg.trainer.max_steps, cfg.trainer.val_check_interval, cfg.trainer.check_val_every_n_epoch) == (
+        steps,
+        1000,
+        None,
+    )
+    assert (cfg.dataset.max_length, cfg.dataset.split_protocol, cfg.trainer.max_epochs) == (max_length, "dept", -1)
+    assert (cfg.method.prompt_length, cfg.method.rank, cfg.warmup_steps, cfg.model.name_or_path) == (
+        60,
+        30,
+        500,
+        "google-t5/t5-base",
+    )
+    assert cfg.callbacks.early_stopping is None
+
+
+def test_a_task_without_released_dept_steps_is_refused_by_name(make_cfg):
+    with pytest.raises(ValueError, match=r"trainer.max_steps=null: dataset copa has no released DePT step count"):
+        check_config(make_cfg("experiment=dept_superglue", "dataset=copa"))
+    check_config(make_cfg("experiment=dept_superglue", "dataset=copa", "trainer.max_steps=5000"))
+
+
+@pytest.mark.parametrize("task", ["mnli", "qqp"])
+def test_fpt_experiments_run_fpts_protocol_on_their_task(make_cfg, task):
+    cfg = make_cfg(f"experiment=fpt_{task}")
+    check_config(cfg)
+    assert (cfg.dataset.name, cfg.model.name_or_path, cfg.method.name, cfg.method.prompt_length) == (
+        task,
+        "google/t5-large-lm-adapt",
+        "fpt",
+        20,
+    )
+    assert (cfg.trainer.max_steps, cfg.trainer.val_check_interval, cfg.callbacks.fpt.stage_steps) == (30_000, 500, 6000)
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.method.lr_schedule, cfg.seed) == (
+        0.3,
+        1e-5,
+        "constant",
+        2022,
+    )
