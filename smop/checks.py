@@ -10,7 +10,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from smop.data.sources import DEFAULT_SPLITS, SOURCES, split_file
-from smop.data.splits import PROTOCOLS
+from smop.data.splits import PROTOCOLS, check_k_shot
 from smop.validation import check_ranges
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -27,8 +27,21 @@ def method_routes(cfg: DictConfig) -> bool:
     return module is not None and bool(getattr(get_class(module._target_), "routes", False))
 
 
+def check_step_budget(cfg: DictConfig) -> None:
+    """experiment=dept_glue / dept_superglue take trainer.max_steps from dataset.dept_steps, null for a task DePT
+    released no run of (COPA): say so, rather than the range check's bare `trainer.max_steps=None`."""
+    trainer = cfg.get("trainer")
+    if trainer is not None and "max_steps" in trainer and trainer.max_steps is None:
+        name = cfg.dataset.name if cfg.get("dataset") is not None else "?"
+        raise ValueError(
+            f"trainer.max_steps=null: dataset {name} has no released DePT step count (dataset.dept_steps=null); "
+            "give trainer.max_steps=N"
+        )
+
+
 def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
     """Raise ValueError / FileNotFoundError naming the bad value and the allowed ones."""
+    check_step_budget(cfg)
     check_ranges(cfg)  # every numeric option in its range first: the checks below compare them
     dtype = cfg.model.get("dtype") if cfg.get("model") is not None else None
     if dtype is not None and dtype not in DTYPE_NAMES:
@@ -68,6 +81,7 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
     protocol = data.get("split_protocol", "smop")
     if protocol not in PROTOCOLS:
         raise ValueError(f"dataset.split_protocol={protocol} is not one of: {', '.join(PROTOCOLS)}")
+    check_k_shot(data.get("k_shot"), data.name, data.get("target", "labels"), data.get("format", "flat"))
     prompt_length = cfg.method.get("prompt_length", 0)
     if data.max_length <= prompt_length + 1:
         raise ValueError(

@@ -58,13 +58,14 @@ def cost_summary(callbacks: list[Callback]) -> dict[str, Any]:
     return cost
 
 
-def best_checkpoint(callbacks: list[Callback]) -> tuple[str | None, int | None]:
-    """Path and epoch of the checkpoint with the best validation score (not the last one)."""
+def best_checkpoint(callbacks: list[Callback]) -> tuple[str | None, int | None, int | None]:
+    """Path, epoch and optimizer step of the checkpoint with the best validation score (not the last one): the step
+    places a step-based evaluation (trainer=steps) that the epoch does not."""
     for callback in callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
-            epoch = torch.load(callback.best_model_path, map_location="cpu", weights_only=True)["epoch"]
-            return callback.best_model_path, epoch
-    return None, None
+            saved = torch.load(callback.best_model_path, map_location="cpu", weights_only=True)
+            return callback.best_model_path, saved["epoch"], saved["global_step"]
+    return None, None, None
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -92,7 +93,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {
         **describe(cfg, choice("router")),
         "params": None,
-        "metrics": {"val": None, "test": None, "best_epoch": None},
+        "metrics": {"val": None, "test": None, "best_epoch": None, "best_step": None},
         "cost": {},
         "routing": {"counts": {}},
         "versions": versions(),
@@ -141,7 +142,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             if cfg.train:
                 stage = "training"
                 trainer.fit(system, datamodule=datamodule, ckpt_path=checkpoint)
-                checkpoint, results["metrics"]["best_epoch"] = best_checkpoint(callbacks)
+                checkpoint, results["metrics"]["best_epoch"], results["metrics"]["best_step"] = best_checkpoint(
+                    callbacks
+                )
             stage = "evaluation"
             validated = trainer.validate(system, datamodule=datamodule, ckpt_path=checkpoint)
             results["metrics"]["val"] = strip_prefix(validated[0], "val")

@@ -42,6 +42,9 @@ JOBS_DIR = "_jobs"  # folders starting with "_" hold the sweep's own files; summ
 ATTEMPTS_DIR = "_attempts"
 LOGS_DIR = "_logs"
 TASKS = ("boolq", "cb", "copa", "multirc", "rte", "wic")
+# DePT's Table 1 tasks that have configs (SuperGLUE's WSC has none yet); each trains for its released step count
+DEPT_GLUE = ("mnli", "qqp", "qnli", "sst2", "stsb", "mrpc", "glue_rte", "cola")
+DEPT_SUPERGLUE = ("multirc", "boolq", "wic", "cb")
 ROUTERS = ("top1_perturbed", "top1", "top2", "gumbel", "stochastic", "single")
 # Keys sweep.py sets itself: giving them would send jobs to folders where resume cannot find them.
 RESERVED = ("hydra.sweep.dir", "hydra.sweep.subdir", "hydra.searchpath", "hydra.mode", JOB_GROUP)
@@ -144,6 +147,18 @@ GRIDS: dict[str, Grid] = {
                 ("lora-smop4x5", ("method=lora_smop",)),
                 ("fpt", ("method=fpt",)),
             ),
+        ),
+        Grid(
+            "dept_glue",
+            "DePT Table 1, GLUE: DePT on T5-base with the released protocol and each task's released steps.",
+            (("dept", ("experiment=dept_glue",)),),
+            datasets=DEPT_GLUE,
+        ),
+        Grid(
+            "dept_superglue",
+            "DePT Table 1, SuperGLUE (WSC has no config): DePT on T5-base, released protocol and steps.",
+            (("dept", ("experiment=dept_superglue",)),),
+            datasets=DEPT_SUPERGLUE,
         ),
         Grid(
             "demo",

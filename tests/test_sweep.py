@@ -18,6 +18,8 @@ from omegaconf import OmegaConf
 from smop.summary import routing_specialisation, summarise
 from smop.sweeps import (
     CONFIG_DIR,
+    DEPT_GLUE,
+    DEPT_SUPERGLUE,
     GRIDS,
     JOB_GROUP,
     JOBS_DIR,
@@ -66,12 +68,29 @@ def test_list_prints_the_jobs_without_running_them(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.parametrize(("grid", "tasks"), [("dept_glue", DEPT_GLUE), ("dept_superglue", DEPT_SUPERGLUE)])
+def test_dept_grids_list_their_tasks_and_every_job_composes(grid, tasks, tmp_path):
+    out = sweep(grid, "--list", "--seeds", "0", "--sweep-dir", str(tmp_path / "listed"))
+    assert out.returncode == 0, out.stderr
+    lines = [line.split() for line in out.stdout.splitlines() if not line.startswith("#")]
+    assert [line[0] for line in lines] == [f"dept-{task}-s0" for task in tasks]
+    assert lines[0][2:] == ["python", "train.py", f"experiment={grid}", f"dataset={tasks[0]}", "seed=0"]
+    jobs = GRIDS[grid].jobs(seeds=[0])
+    (tmp_path / JOB_GROUP).mkdir()
+    for job in jobs:
+        (tmp_path / JOB_GROUP / f"{job.name}.yaml").write_text(job_yaml(job, grid))
+    GlobalHydra.instance().clear()
+    assert check_jobs(jobs, tmp_path, []) == {}
+
+
 # one job of each kind: every method of table 1, PT and SMoP shapes, a router and the single router, the demo
 KINDS = {
     "table1": ["pt100-cb-s0", "ptuning100-cb-s0", "smop4x5-cb-s0", "full-cb-s0"],
     "table2": ["pt5-cb-s0", "smop10x3-cb-s0"],
     "table3": ["smop-top2-cb-s0", "smop-single-cb-s0"],
     "demo": ["smop2x5-synthetic_mixture-s0"],
+    "dept_glue": ["dept-cb-s0"],
+    "dept_superglue": ["dept-cb-s0"],
 }
 
 

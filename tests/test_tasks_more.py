@@ -185,3 +185,10 @@ def test_every_task_runs_end_to_end_on_its_sample(make_cfg, task):
     assert results["status"] == "completed" and results["split"]["protocol"] == "smop"
     assert results["split"]["examples"]["test"] == 24
     assert set(results["metrics"]["test"]) == {"accuracy", "score"}
+
+
+def test_k_shot_reads_the_tasks_own_label_field():
+    """WinoGrande's class is its `answer`: k-shot keeps K rows of each answer."""
+    dm = datamodule("winogrande", k_shot=3)
+    dm.setup()
+    assert sorted(row["label_index"] for row in dm.splits["train"]) == [0, 0, 0, 1, 1, 1]

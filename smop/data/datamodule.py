@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from smop.data.sources import DEFAULT_SPLITS, SOURCES, SPLIT_ROLES, load_split_records
-from smop.data.splits import PROTOCOLS, describe, divide, smop_split, units
+from smop.data.splits import PROTOCOLS, check_k_shot, describe, divide, k_shot_part, smop_split, units
 from smop.data.synthetic import synthetic_mixture
 from smop.data.tasks import Task, flatten, raw_label
 
@@ -134,11 +135,16 @@ class TaskDataModule(L.LightningDataModule):
         split_protocol: str = "smop",
         dept_split: str = "small",
         label_field: str = "label",
+        k_shot: int | None = None,
+        dept_steps: int | None = None,
+        dept_max_length: int | None = None,
     ) -> None:
         """`causal`: the backbone is a decoder-only LM (see `encode` and `target_ids`); its whole sequence, prompt,
-        source and target, fits `max_length`. `splits`: the hub split trained on (`train`) and the one tested on
-        (`test`), e.g. MNLI's validation_matched. `label_field`: the record's label field (WinoGrande's `answer`).
-        `split_protocol`, `dept_split`: see smop.data.splits."""
+        source and target, fits `max_length`. `splits`: the hub's files by role (smop.data.sources.SPLIT_ROLES), e.g.
+        MNLI's validation_matched. `label_field`: the record's label field (WinoGrande's `answer`).
+        `split_protocol`, `dept_split`, `k_shot` (training rows per class): see smop.data.splits. `dept_steps`,
+        `dept_max_length`: DePT's released run for this task, read by experiment=dept_glue / dept_superglue
+        (trainer.max_steps, dataset.max_length), not here."""
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
@@ -166,6 +172,8 @@ class TaskDataModule(L.LightningDataModule):
         if split_protocol not in PROTOCOLS:
             raise ValueError(f"dataset.split_protocol={split_protocol} is not one of: {', '.join(PROTOCOLS)}")
         self.split_protocol, self.dept_split = split_protocol, dept_split
+        check_k_shot(k_shot, name, target, format)
+        self.k_shot = k_shot
         self.split_info: dict[str, Any] = {}
         self.tokenizer = tokenizer
         # a separate encoder's own tokenizer (IDPG/LoPA with method.encoder=<model>): batches then carry its ids too
@@ -218,6 +226,9 @@ class TaskDataModule(L.LightningDataModule):
         named = set(self.split_names)
         multirc = self.task.format == "multirc"
         parts = divide(protocol, self.dept_split, self._raw, named, self.task.name, self._smop_rows, multirc)
+        if self.k_shot is not None:  # after the protocol's split: validation and test stay whole
+            label_of = partial(raw_label, self.task)  # WinoGrande's class is its `answer`
+            parts["train"] = k_shot_part(parts["train"], self.k_shot, self.seed, self.task.name, label_of)
         raw = {split: part.records for split, part in parts.items()}
         for split, records in raw.items():
             examples = list(flatten(self.task, records))
@@ -233,7 +244,8 @@ class TaskDataModule(L.LightningDataModule):
             for name, sequences in self.extra_ids(examples).items():
                 for row, ids in zip(self.splits[split], sequences, strict=True):
                     row[name] = ids
-        self.split_info = describe(protocol, parts, {split: len(rows) for split, rows in self.splits.items()})
+        examples = {split: len(rows) for split, rows in self.splits.items()}
+        self.split_info = describe(protocol, parts, examples, self.k_shot)
 
     def extra_ids(self, examples: list[dict[str, Any]]) -> dict[str, list[list[int]]]:
         """The id sequences besides the backbone's that the method reads, per example, by field name (`*input_ids`):

@@ -9,17 +9,24 @@ dept      DePT's rule, per task (`dataset.dept_split`): `small` sets validate an
           the reference (torch.randperm).
 official  train, the official validation set, and a labelled official test file (a task that has none is refused).
 
-Each run records its split (sizes and a hash of the member ids) in results.json.
+`dataset.k_shot=K` then keeps K training rows per class (DePT's k-shot runs): the training file shuffled with the
+training seed, the first K rows of each class kept. Validation and test are untouched.
+
+Each run records its split (sizes, a hash of the member ids, k_shot) in results.json.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 PROTOCOLS = ("smop", "dept", "official")
 DEPT_RULES = ("small", "large", "official")
@@ -142,11 +149,54 @@ def divide(
     }
 
 
-def describe(protocol: str, parts: dict[str, Part], examples: dict[str, int]) -> dict[str, Any]:
-    """What results.json records of the split: the protocol, sizes (records and examples) and a hash of each
-    split's member ids, so two runs can be checked to have used the same rows."""
+def check_k_shot(k_shot: int | None, task_name: str, target: str, format: str) -> None:
+    """K rows per class needs classes: refused for a number target (STS-B) and for MultiRC, whose rows are answers
+    of shared questions (keeping K of them would cut questions apart)."""
+    if k_shot is None:
+        return
+    if isinstance(k_shot, bool) or not isinstance(k_shot, int) or k_shot < 1:
+        raise ValueError(
+            f"dataset.k_shot={k_shot} must be null (all training rows) or an integer >= 1 (rows per class)"
+        )
+    if target == "number":
+        raise ValueError(f"dataset.k_shot={k_shot}: {task_name} has a number target, no classes to sample K rows of")
+    if format == "multirc":
+        raise ValueError(f"dataset.k_shot={k_shot}: {task_name} is MultiRC-format (answers grouped by question)")
+
+
+def k_shot_part(
+    part: Part, k_shot: int, seed: int, task_name: str, label_of: Callable[[dict[str, Any]], Any] | None = None
+) -> Part:
+    """K rows per class of `part`, as DePT: shuffled with the training seed, then each class filled in that order.
+    A class with fewer than K rows keeps them all (with a warning). `label_of`: a record's class (its `label`)."""
+    label_of = label_of or (lambda record: record["label"])
+    order = np.random.default_rng(seed).permutation(len(part.records)).tolist()
+    chosen: dict[Any, list[int]] = {}
+    for i in order:
+        rows = chosen.setdefault(label_of(part.records[i]), [])
+        if len(rows) < k_shot:
+            rows.append(i)
+    for label, rows in sorted(chosen.items(), key=lambda item: str(item[0])):
+        if len(rows) < k_shot:
+            log.warning(
+                "dataset.k_shot=%d: %s has only %d training rows of class %s; keeping them all",
+                k_shot,
+                task_name,
+                len(rows),
+                label,
+            )
+    kept = sorted(i for rows in chosen.values() for i in rows)
+    return Part([part.records[i] for i in kept], [part.ids[i] for i in kept])
+
+
+def describe(
+    protocol: str, parts: dict[str, Part], examples: dict[str, int], k_shot: int | None = None
+) -> dict[str, Any]:
+    """What results.json records of the split: the protocol, sizes (records and examples), a hash of each
+    split's member ids, so two runs can be checked to have used the same rows, and k_shot (null: every row)."""
     return {
         "protocol": protocol,
+        "k_shot": k_shot,
         "records": {name: len(part.ids) for name, part in parts.items()},
         "examples": dict(examples),
         "hash": {name: hashlib.sha256("\n".join(part.ids).encode()).hexdigest()[:16] for name, part in parts.items()},
