@@ -161,6 +161,7 @@ RANGES: tuple[tuple[str, Spec], ...] = (
     ("dataset.split_seed", spec(SEED)),
     ("dataset.num_workers", spec(integer(0))),
     ("dataset.number_range", spec(number(), shape="list", note="a number target's [low, high], e.g. STS-B's [0, 5]")),
+    ("dataset.max_target_length", spec(integer(1), nullable=True, note="a text target's tokens, EOS included")),
     ("dataset.synthetic.num_ranges", spec(integer(1))),
     ("dataset.synthetic.num_labels", spec(integer(1))),
     ("dataset.synthetic.min_length", spec(integer(1))),
