@@ -3,11 +3,33 @@ text, the tasks' templates and bundled samples, and each task end to end."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from conftest import CONFIGS
+from omegaconf import OmegaConf
+from transformers import ByT5Tokenizer
 
+from smop.data import TaskDataModule
+from smop.data.sources import sample_dir
 from smop.data.tasks import Task
 from smop.metrics import MeanTextScore, TaskMetrics, exact_match, map_no_answer, token_f1
+from smop.run import run
+
+TEXT_TASKS = ["squad_v2", "newsqa", "xsum"]
+TOKENIZER = ByT5Tokenizer()
+
+
+def datamodule(task: str, **overrides) -> TaskDataModule:
+    options = OmegaConf.to_container(OmegaConf.load(CONFIGS / "dataset" / f"{task}.yaml"))
+    options = {k: v for k, v in options.items() if k not in ("_target_", "epochs")}
+    options.update({"split_seed": 0, **overrides})
+    return TaskDataModule(tokenizer=TOKENIZER, **options)
+
+
+def decode(ids: list[int]) -> str:
+    return TOKENIZER.decode([i for i in ids if i >= 0], skip_special_tokens=True)
 
 
 # --- metrics -----------------------------------------------------------------------------------------------------
@@ -87,3 +109,103 @@ def test_a_text_metric_on_a_label_task_and_a_label_metric_on_a_text_task_are_ref
         Task("squad_v2", "{question}", [], metrics=["accuracy"], target="text", target_field="answers")
     with pytest.raises(ValueError, match=r"squad_v2 has a text target: set dataset.target_field"):
         Task("squad_v2", "{question}", [], metrics=["squad_em"], target="text")
+
+
+# --- tasks -------------------------------------------------------------------------------------------------------
+KNOWN = {  # a record in the hub's layout -> (input text, target text, golds)
+    "squad_v2": (
+        {
+            "id": "1",
+            "title": "T",
+            "context": "Ann won.",
+            "question": "Who won?",
+            "answers": {"text": ["Ann", "Ann"], "answer_start": [0, 0]},
+        },
+        "question: Who won? context: Ann won.",
+        "Ann",
+        ["Ann", "Ann"],
+    ),
+    "newsqa": (
+        {"context": "Rain fell.", "question": "What fell?", "answers": ["Rain", "rain"], "key": "k", "labels": []},
+        "question: What fell? context: Rain fell.",
+        "Rain",
+        ["Rain", "rain"],
+    ),
+    "xsum": ({"document": "A long story.", "summary": "Short.", "id": "7"}, "A long story.", "Short.", ["Short."]),
+}
+
+
+@pytest.mark.parametrize("task", TEXT_TASKS)
+def test_template_target_and_golds(task, tmp_path):
+    record, text, target, golds = KNOWN[task]
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(record) for _ in range(10)) + "\n")
+    dm = datamodule(task, source="dir", data_dir=str(tmp_path))
+    dm.setup()
+    row = dm.splits["test"][0]
+    assert decode(row["input_ids"]) == text and decode(row["labels"]) == target and row["golds"] == golds
+    batch = dm.collate(dm.splits["test"][:3])
+    assert batch["golds"] == [golds] * 3
+
+
+def test_an_unanswerable_question_learns_the_no_answer_text(tmp_path):
+    record = {"id": "1", "title": "T", "context": "C.", "question": "Q?", "answers": {"text": [], "answer_start": []}}
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(record) for _ in range(10)) + "\n")
+    dm = datamodule("squad_v2", source="dir", data_dir=str(tmp_path))
+    dm.setup()
+    assert decode(dm.splits["test"][0]["labels"]) == "no answer" and dm.splits["test"][0]["golds"] == []
+    (tmp_path / "train.jsonl").write_text(json.dumps({**record, "answers": {"text": []}}) + "\n")
+    with pytest.raises(ValueError, match=r"train.jsonl:1: malformed newsqa record: answers has no non-empty gold"):
+        datamodule("newsqa", source="dir", data_dir=str(tmp_path)).setup()
+
+
+def test_a_long_summary_is_cut_to_max_target_length_with_its_eos(tmp_path):
+    record = {"document": "D.", "summary": "word " * 100, "id": "1"}
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(record) for _ in range(10)) + "\n")
+    dm = datamodule("xsum", source="dir", data_dir=str(tmp_path), max_target_length=12)
+    dm.setup()
+    labels = dm.splits["train"][0]["labels"]
+    assert len(labels) == 12 and labels[-1] == TOKENIZER.eos_token_id and dm.max_target_length == 12
+    assert decode(labels) == ("word " * 100)[:11]  # ByT5: one token per byte
+
+
+def test_max_target_length_is_required_for_text_targets_and_refused_for_labels():
+    with pytest.raises(ValueError, match=r"dataset.max_target_length=None for xsum \(target=text\): a text target"):
+        datamodule("xsum", max_target_length=None)
+    with pytest.raises(ValueError, match=r"dataset.max_target_length=0 for xsum: give an integer >= 1"):
+        datamodule("xsum", max_target_length=0)
+    options = OmegaConf.to_container(OmegaConf.load(CONFIGS / "dataset" / "boolq.yaml"))
+    options = {k: v for k, v in options.items() if k not in ("_target_", "epochs")}
+    with pytest.raises(ValueError, match=r"dataset.max_target_length=5 for boolq \(target=labels\)"):
+        TaskDataModule(tokenizer=TOKENIZER, max_target_length=5, **options)
+
+
+@pytest.mark.parametrize("task", TEXT_TASKS)
+def test_bundled_sample_parses_in_the_hub_layout(task):
+    dm = datamodule(task)
+    dm.setup()
+    rows = {split: dm.splits[split] for split in ("train", "val", "test")}
+    assert len(rows["train"]) + len(rows["val"]) >= 60 and len(rows["test"]) >= 20
+    golds = [row["golds"] for split in rows.values() for row in split]
+    assert all(all(isinstance(gold, str) and gold.strip() for gold in example) for example in golds)
+    assert any(any(not gold.isascii() for gold in example) for example in golds)  # unicode
+    records = [json.loads(line) for line in (sample_dir(task) / "train.jsonl").read_text().splitlines()]
+    longest = max(len(TOKENIZER(record[dm.task.truncate_field]).input_ids) for record in records)
+    assert longest > dm.budget >= max(len(row["input_ids"]) for split in rows.values() for row in split)  # truncated
+    if task != "xsum":
+        assert sum(len(example) > 1 for example in golds) >= 20  # several gold answers
+    if task == "squad_v2":
+        assert all(sum(not row["golds"] for row in split) >= 2 for split in (rows["train"], rows["test"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("task", "metrics"), [("squad_v2", {"squad_em", "squad_f1"}), ("xsum", {"rouge1", "rouge2", "rougeL"})]
+)
+def test_text_tasks_run_end_to_end_on_their_sample(make_cfg, task, metrics):
+    overrides = [f"dataset={task}", "method=prompt_tuning", "method.prompt_length=4", "dataset.max_length=96"]
+    results = run(make_cfg(*overrides, "dataset.max_target_length=8", "trainer.fast_dev_run=true"))
+    assert results["status"] == "completed" and set(results["metrics"]["test"]) == metrics | {"score"}
+    assert all(0.0 <= value <= 1.0 for value in results["metrics"]["test"].values())
