@@ -209,3 +209,18 @@ def test_text_tasks_run_end_to_end_on_their_sample(make_cfg, task, metrics):
     results = run(make_cfg(*overrides, "dataset.max_target_length=8", "trainer.fast_dev_run=true"))
     assert results["status"] == "completed" and set(results["metrics"]["test"]) == metrics | {"score"}
     assert all(0.0 <= value <= 1.0 for value in results["metrics"]["test"].values())
+
+
+def test_predictions_of_a_text_task_write_the_answer_and_the_raw_output():
+    import io
+    from types import SimpleNamespace
+
+    from smop.predict import write_predictions
+
+    task = Task("squad_v2", "{question}", [], metrics=["squad_em"], target="text", target_field="answers",
+                no_answer_text="no answer")  # fmt: skip
+    loaded = SimpleNamespace(task=task, generate=lambda examples, decoding: [["Paris"], ["No answer."]])
+    out = io.StringIO()
+    assert write_predictions(loaded, [(0, {"question": "a"}), (1, {"question": "b"})], out) == 0
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert lines == [{"idx": 0, "answer": "Paris", "output": "Paris"}, {"idx": 1, "answer": "", "output": "No answer."}]

@@ -142,7 +142,8 @@ def check_fields(task: Task, record: dict[str, Any]) -> None:
 
 
 def flatten(task: Task, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Official records -> flat examples with `label` as an index and `group` (MultiRC's question id).
+    """Official records -> flat examples with `label` as an index (a number target: also `value`; a text target:
+    `golds`, its gold texts) and `group` (MultiRC's question id).
 
     MultiRC holds paragraphs with nested questions and answers; each answer becomes one example, and
     its question's id becomes the group used for exact match. Hub MultiRC rows are already flat.
