@@ -1,7 +1,8 @@
 """Evaluation by generation: normalised exact match to a label word, then each task's official metrics.
 
 An output that is no label word is wrong: it gets class index -1, which counts against the true class
-and for no other (as in the T5 SuperGLUE evaluation). Metric state lives in torchmetrics objects, so it
+and for no other (as in the T5 SuperGLUE evaluation). A free-text target (QA, summaries) is scored against all
+its gold texts: SQuAD EM/F1, ROUGE. Metric state lives in torchmetrics objects (tensors, never strings), so it
 reduces correctly across processes.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 import re
 import string
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -21,6 +24,9 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+from torchmetrics.text.rouge import ROUGEScore
+
+from smop.data.tasks import TEXT_METRICS
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -83,6 +89,81 @@ class GroupExactMatch(Metric):
         return per_group.mean()
 
 
+def squad_golds(golds: Sequence[str]) -> list[str]:
+    """The golds a prediction is scored against: SQuAD 2.0's rule, a question without a non-empty gold answer has
+    the single gold "", so only an empty prediction scores on it."""
+    kept = [gold for gold in golds if normalize(gold)]
+    return kept or [""]
+
+
+def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals a normalised gold (SQuAD's `compute_exact`, max over golds)."""
+    key = normalize(prediction)
+    return float(any(key == normalize(gold) for gold in squad_golds(golds)))
+
+
+def token_f1(prediction: str, golds: Sequence[str]) -> float:
+    """Token-overlap F1 of the normalised texts, max over golds (the official SQuAD `compute_f1`): an empty side
+    scores 1 only against another empty side."""
+
+    def f1(gold: str) -> float:
+        pred_tokens, gold_tokens = normalize(prediction).split(), normalize(gold).split()
+        if not pred_tokens or not gold_tokens:
+            return float(pred_tokens == gold_tokens)
+        same = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+        if same == 0:
+            return 0.0
+        precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+        return 2 * precision * recall / (precision + recall)
+
+    return max(f1(gold) for gold in squad_golds(golds))
+
+
+def map_no_answer(texts: Sequence[str], no_answer_text: str | None) -> list[str]:
+    """A generated no-answer marker (SQuAD 2.0's `dataset.no_answer_text`, normalised) is the empty answer."""
+    if not no_answer_text:
+        return list(texts)
+    marker = normalize(no_answer_text)
+    return ["" if normalize(text) == marker else text for text in texts]
+
+
+class MeanTextScore(Metric):
+    """The mean over examples of a per-example score of (prediction, golds), as a fraction in [0, 1]: sums, not
+    strings, are the state, so it reduces across processes."""
+
+    full_state_update = False
+
+    def __init__(self, score: Callable[[str, Sequence[str]], float]) -> None:
+        super().__init__()
+        self.score = score
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[str], target: Sequence[Sequence[str]]) -> None:
+        if len(preds) != len(target):
+            raise ValueError(f"{len(preds)} predictions but {len(target)} lists of golds")
+        self.total += sum(self.score(pred, golds) for pred, golds in zip(preds, target, strict=True))
+        self.count += len(preds)
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count.clamp(min=1)).float()
+
+
+class Rouge(ROUGEScore):
+    """One ROUGE F-measure (rouge1, rouge2, rougeL), the best over an example's golds, without stemming; an empty
+    prediction scores 0. torchmetrics keeps per-example scores as tensors and needs no nltk for these keys."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(rouge_keys=(key,), accumulate="best")
+        self.key = key
+
+    def update(self, preds: Sequence[str], target: Sequence[Sequence[str]]) -> None:
+        super().update(list(preds), [list(golds) or [""] for golds in target])
+
+    def compute(self) -> Tensor:
+        return super().compute()[f"{self.key}_fmeasure"]
+
+
 class TaskMetrics(MetricCollection):
     """The official metrics of one task; `score` is their mean (SuperGLUE's per-task score)."""
 
@@ -97,13 +178,22 @@ class TaskMetrics(MetricCollection):
             "em": lambda: GroupExactMatch(),
             "pearson": lambda: PearsonCorrCoef(),
             "spearman": lambda: SpearmanCorrCoef(),
+            "squad_em": lambda: MeanTextScore(exact_match),
+            "squad_f1": lambda: MeanTextScore(token_f1),
+            "rouge1": lambda: Rouge("rouge1"),
+            "rouge2": lambda: Rouge("rouge2"),
+            "rougeL": lambda: Rouge("rougeL"),
         }
         super().__init__({name: builders[name]() for name in metrics}, compute_groups=False)
         self.invalid = invalid
 
-    def update(self, preds: Tensor, target: Tensor, groups: Tensor) -> None:
+    def update(self, preds: Tensor | Sequence[str], target: Tensor | Sequence[Sequence[str]], groups: Tensor) -> None:
+        """Class indices (-1: no label word) or numbers against the gold ones; or, for a text target, the generated
+        texts against each example's gold texts."""
         for name, metric in self.items(keep_base=True, copy_state=False):
-            if name == "em":
+            if name in TEXT_METRICS:
+                metric.update(preds, target)
+            elif name == "em":
                 metric.update(preds, target, groups)
             elif name == "f1a":
                 metric.update((preds == 1).long(), target)  # no label word counts as a negative answer

@@ -20,7 +20,7 @@ from smop.backbones.decoding import Decoding, truncate_at_stop
 from smop.data.tasks import Task
 from smop.methods.base import NO_INPUTS, PromptModule, PromptOutput
 from smop.methods.lora import add_lora
-from smop.metrics import RoutingCounts, TaskMetrics, to_label_index, to_number
+from smop.metrics import RoutingCounts, TaskMetrics, map_no_answer, to_label_index, to_number
 
 SPLITS = ("train", "val", "test")
 FSDP_PREFIX = "_fsdp_wrapped_module."
@@ -195,6 +195,9 @@ class PromptTuningSystem(L.LightningModule):
         if self.task.target == "number":  # the generated number against the gold value
             texts, out = self.generate_texts(*inputs)
             preds, gold = to_number(texts).to(batch["value"].device), batch["value"]
+        elif self.task.target == "text":  # the generated text against every gold text (a generated "no answer": "")
+            texts, out = self.generate_texts(*inputs)
+            preds, gold = map_no_answer(texts, self.task.no_answer_text), batch["golds"]
         else:
             (preds, out), gold = self.predict_labels(*inputs), batch["label_index"]
         self.task_metrics[_key(split)].update(preds, gold, batch["group"])

@@ -30,7 +30,7 @@ from smop.backbones.decoding import Decoding
 from smop.data import Task
 from smop.data.tasks import template_fields
 from smop.loading import CLI_DEFAULTS, USER_ERRORS, LoadedModel, hydra_cli, load
-from smop.metrics import UNPARSABLE, to_label_index, to_number
+from smop.metrics import UNPARSABLE, map_no_answer, to_label_index, to_number
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,13 @@ def write_predictions(
             line = {"idx": idx, "value": values[0], "output": texts[0]}
             if len(texts) > 1:
                 line = {"idx": idx, "values": values, "outputs": texts}
+            out.write(json.dumps(line) + "\n")
+            continue
+        if loaded.task.target == "text":  # QA, summaries: the text itself ("" where it is the no-answer text)
+            answers = map_no_answer(texts, loaded.task.no_answer_text)
+            line = {"idx": idx, "answer": answers[0], "output": texts[0]}
+            if len(texts) > 1:
+                line = {"idx": idx, "answers": answers, "outputs": texts}
             out.write(json.dumps(line) + "\n")
             continue
         indices = to_label_index(texts, words).tolist()

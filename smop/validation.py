@@ -164,6 +164,7 @@ RANGES: tuple[tuple[str, Spec], ...] = (
     ("dataset.dept_steps", spec(integer(1), nullable=True, note="DePT's released steps; null: none released")),
     ("dataset.dept_max_length", spec(integer(2), note="DePT's prompt + input tokens for this task")),
     ("dataset.number_range", spec(number(), shape="list", note="a number target's [low, high], e.g. STS-B's [0, 5]")),
+    ("dataset.max_target_length", spec(integer(1), nullable=True, note="a text target's tokens, EOS included")),
     ("dataset.synthetic.num_ranges", spec(integer(1))),
     ("dataset.synthetic.num_labels", spec(integer(1))),
     ("dataset.synthetic.min_length", spec(integer(1))),

@@ -84,6 +84,15 @@ def target_ids(tokenizer: PreTrainedTokenizerBase, words: list[str], causal: boo
     return [ids + [tokenizer.eos_token_id] for ids in tokenizer(words, add_special_tokens=False).input_ids]
 
 
+def truncate_target(ids: list[int], length: int, eos_token_id: int | None) -> list[int]:
+    """At most `length` target ids, the EOS kept last when the tokenizer has one (the model learns to stop there)."""
+    if len(ids) <= length:
+        return ids
+    if eos_token_id is None or ids[-1] != eos_token_id:
+        return ids[:length]
+    return ids[: length - 1] + [eos_token_id]
+
+
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can skip the examples of one epoch that a checkpoint had already trained on."""
 
@@ -138,13 +147,18 @@ class TaskDataModule(L.LightningDataModule):
         k_shot: int | None = None,
         dept_steps: int | None = None,
         dept_max_length: int | None = None,
+        target_field: str | None = None,
+        no_answer_text: str | None = None,
+        max_target_length: int | None = None,
     ) -> None:
         """`causal`: the backbone is a decoder-only LM (see `encode` and `target_ids`); its whole sequence, prompt,
         source and target, fits `max_length`. `splits`: the hub's files by role (smop.data.sources.SPLIT_ROLES), e.g.
         MNLI's validation_matched. `label_field`: the record's label field (WinoGrande's `answer`).
         `split_protocol`, `dept_split`, `k_shot` (training rows per class): see smop.data.splits. `dept_steps`,
         `dept_max_length`: DePT's released run for this task, read by experiment=dept_glue / dept_superglue
-        (trainer.max_steps, dataset.max_length), not here."""
+        (trainer.max_steps, dataset.max_length), not here. `target_field`, `no_answer_text`, `max_target_length`: a
+        free-text target (QA, summaries): where its golds are, what an unanswerable question's target is, and its
+        length in tokens (EOS included), which bounds the training target and the generation."""
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
@@ -164,7 +178,17 @@ class TaskDataModule(L.LightningDataModule):
             target,
             list(number_range or [0.0, 5.0]),
             label_field,
+            target_field,
+            no_answer_text,
         )
+        if (max_target_length is None) != (target != "text"):
+            raise ValueError(
+                f"dataset.max_target_length={max_target_length} for {name} (target={target}): a text target needs "
+                "one (tokens, EOS included); label and number targets take the length of their longest target text"
+            )
+        if max_target_length is not None and (isinstance(max_target_length, bool) or max_target_length < 1):
+            raise ValueError(f"dataset.max_target_length={max_target_length} for {name}: give an integer >= 1")
+        self.text_target_length = max_target_length
         self.split_names = {**DEFAULT_SPLITS, **{k: v for k, v in dict(splits or {}).items() if v}}
         unknown = sorted(set(self.split_names) - set(SPLIT_ROLES))
         if unknown:
@@ -196,7 +220,9 @@ class TaskDataModule(L.LightningDataModule):
     @property
     def max_target_length(self) -> int:
         """Tokens of the longest target text (a label word, or a number of the task's range), EOS included: the
-        generation length at evaluation."""
+        generation length at evaluation. A text target's is its config value (`dataset.max_target_length`)."""
+        if self.text_target_length is not None:
+            return self.text_target_length
         return max(len(ids) for ids in target_ids(self.tokenizer, self.task.target_texts(), self.causal))
 
     def _raw(self, role: str) -> list[dict[str, Any]]:
@@ -213,9 +239,9 @@ class TaskDataModule(L.LightningDataModule):
         return load_split_records(self.task, self.source, self.data_dir, self.hub_name, self.hub_config, split_name)
 
     def _smop_rows(self, train: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
-        """SMoP's 90/10 split of the training file: stratified per label (a number target: one stratum)."""
+        """SMoP's 90/10 split of the training file: stratified per label (a number or text target: one stratum)."""
         multirc = self.task.format == "multirc"  # split by paragraph: no question spans two splits
-        strata = [0 if self.task.target == "number" or multirc else raw_label(self.task, r) for r in train]
+        strata = [0 if self.task.target in ("number", "text") or multirc else raw_label(self.task, r) for r in train]
         return smop_split(strata, units(train, multirc), self.val_fraction, self.split_seed, split_train_val)
 
     def setup(self, stage: str | None = None) -> None:
@@ -234,13 +260,17 @@ class TaskDataModule(L.LightningDataModule):
             examples = list(flatten(self.task, records))
             inputs = encode(self.task, self.tokenizer, examples, self.budget, self.causal)
             targets = target_ids(self.tokenizer, [self.task.target_text(ex) for ex in examples], self.causal)
+            if self.text_target_length is not None:  # a long summary: its first tokens and the EOS, as generated
+                eos, length = self.tokenizer.eos_token_id, self.text_target_length
+                targets = [truncate_target(ids, length, eos) for ids in targets]
             self.splits[split] = [
                 {"input_ids": ids, "labels": target, "label_index": ex["label"], "group": ex["group"]}
                 for ids, target, ex in zip(inputs, targets, examples, strict=True)
             ]
-            if self.task.target == "number":
+            if self.task.target in ("number", "text"):  # the gold value, or every gold text (scored by max)
+                key = "value" if self.task.target == "number" else "golds"
                 for row, ex in zip(self.splits[split], examples, strict=True):
-                    row["value"] = ex["value"]
+                    row[key] = ex[key]
             for name, sequences in self.extra_ids(examples).items():
                 for row, ids in zip(self.splits[split], sequences, strict=True):
                     row[name] = ids
@@ -302,6 +332,8 @@ class TaskDataModule(L.LightningDataModule):
         }
         if "value" in rows[0]:  # a number target's gold value
             batch["value"] = torch.tensor([row["value"] for row in rows], dtype=torch.float)
+        if "golds" in rows[0]:  # a text target's gold texts: a list of lists of strings (Lightning moves tensors only)
+            batch["golds"] = [list(row["golds"]) for row in rows]
         batch.update(self.pad_extra(rows))
         return batch
 

@@ -1,7 +1,9 @@
-"""Classification tasks as text-to-text: reading records (SuperGLUE, GLUE, ...) into flat examples with a label index.
+"""Tasks as text-to-text: reading records (SuperGLUE, GLUE, QA, summaries, ...) into flat examples with a label
+index, a number, or gold texts.
 
 Each task's fields, template, label words, splits and metrics live in its dataset config; this module knows only
-what differs in the record formats: how labels are written, and MultiRC's nested paragraphs (`format: multirc`).
+what differs in the record formats: how labels and answers are written, and MultiRC's nested paragraphs
+(`format: multirc`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FORMATS = ("flat", "multirc")  # a record per example, or MultiRC's paragraphs with nested questions and answers
-TARGETS = ("labels", "number")  # a label word per class, or a number written as text (STS-B)
-METRICS = ("accuracy", "f1_macro", "f1a", "f1", "mcc", "em", "pearson", "spearman")
+TARGETS = ("labels", "number", "text")  # a label word per class, a number written as text (STS-B), or free text
 NUMBER_METRICS = ("pearson", "spearman")
+TEXT_METRICS = ("squad_em", "squad_f1", "rouge1", "rouge2", "rougeL")  # generated texts against gold texts
+METRICS = ("accuracy", "f1_macro", "f1a", "f1", "mcc", "em", *NUMBER_METRICS, *TEXT_METRICS)
 BINARY_METRICS = ("f1a", "f1", "mcc")  # of class 1 against class 0
 
 
@@ -33,13 +36,19 @@ class Task:
     target: str = "labels"
     number_range: list[float] = field(default_factory=lambda: [0.0, 5.0])  # a number target's range (STS-B: 0-5)
     label_field: str = "label"  # the record's field holding the label (WinoGrande: answer, SciTail: gold_label)
+    # a text target: the field with its gold text(s) (a string, a list of strings, or SQuAD's {"text": [...]}),
+    # and what the model writes for a record without any (SQuAD 2.0's unanswerable questions)
+    target_field: str | None = None
+    no_answer_text: str | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"dataset.format={self.format} for {self.name}; allowed: {', '.join(FORMATS)}")
         if self.target not in TARGETS:
             raise ValueError(f"dataset.target={self.target} for {self.name}; allowed: {', '.join(TARGETS)}")
-        fits = NUMBER_METRICS if self.target == "number" else tuple(m for m in METRICS if m not in NUMBER_METRICS)
+        fits = {"number": NUMBER_METRICS, "text": TEXT_METRICS}.get(
+            self.target, tuple(m for m in METRICS if m not in NUMBER_METRICS + TEXT_METRICS)
+        )
         wrong = [name for name in self.metrics if name in METRICS and name not in fits]
         if wrong:
             raise ValueError(
@@ -58,18 +67,53 @@ class Task:
             raise ValueError(
                 f"dataset.number_range={self.number_range} for {self.name}: give [low, high] with low < high"
             )
+        if self.target == "text" and not self.target_field:
+            raise ValueError(f"{self.name} has a text target: set dataset.target_field (the field with its gold texts)")
+        if self.target != "text" and (self.target_field or self.no_answer_text):
+            raise ValueError(
+                f"dataset.target_field/no_answer_text are for a text target; {self.name} has target={self.target}"
+            )
+        if self.no_answer_text is not None and not self.no_answer_text.strip():
+            raise ValueError(f"dataset.no_answer_text={self.no_answer_text!r} for {self.name}: give a non-empty text")
         if not self.fields:
-            self.fields = [*template_fields(self.template), self.label_field]
+            self.fields = [
+                *template_fields(self.template),
+                self.target_field if self.target == "text" else self.label_field,
+            ]
 
     def target_text(self, example: dict[str, Any]) -> str:
-        """What the model learns to generate: the label word, or the number rounded to one decimal (DePT's
-        `str(round(y, 1))`)."""
+        """What the model learns to generate: the label word, the number rounded to one decimal (DePT's
+        `str(round(y, 1))`), or the first gold text (the no-answer text when there is none)."""
         if self.target == "number":
             return str(round(example["value"], 1))
+        if self.target == "text":
+            return example["golds"][0] if example["golds"] else self.no_answer_text
         return self.label_words[example["label"]]
 
+    def gold_texts(self, record: dict[str, Any]) -> list[str]:
+        """A text target's non-blank golds in the record's order: the field holds a string (XSum's summary), a list
+        of strings (MRQA's answers) or SQuAD's {"text": [...], "answer_start": [...]}. None (an unanswerable
+        question) is refused unless the task has a no-answer text."""
+        value = record[self.target_field]
+        if isinstance(value, dict):
+            if "text" not in value:
+                raise ValueError(f"{self.target_field} holds {sorted(value)}, not SQuAD's 'text' list of answers")
+            value = value["text"]
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+            raise ValueError(f"{self.target_field}={value!r}: give a string or a list of strings")
+        golds = [text for text in texts if text.strip()]
+        if not golds and self.no_answer_text is None:
+            raise ValueError(
+                f"{self.target_field} has no non-empty gold text; for unanswerable questions set dataset.no_answer_text"
+            )
+        return golds
+
     def target_texts(self) -> list[str]:
-        """Every text the task can ask for: the label words, or each number of the range in steps of 0.1."""
+        """Every text the task can ask for: the label words, or each number of the range in steps of 0.1. A text
+        target has no closed set: `dataset.max_target_length` bounds it."""
+        if self.target == "text":
+            raise ValueError(f"{self.name} has a free-text target: its length is dataset.max_target_length")
         if self.target == "number":
             low, high = self.number_range
             return [str(round(low + step / 10, 1)) for step in range(round((high - low) * 10) + 1)]
@@ -114,7 +158,8 @@ def raw_label(task: Task, record: dict[str, Any]) -> Any:
 
 
 def flatten(task: Task, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Official records -> flat examples with `label` as an index and `group` (MultiRC's question id).
+    """Official records -> flat examples with `label` as an index (a number target: also `value`; a text target:
+    `golds`, its gold texts) and `group` (MultiRC's question id).
 
     The label is read from `task.label_field` and written to `label`. MultiRC holds paragraphs with nested questions
     and answers; each answer becomes one example, and its question's id becomes the group used for exact match. Hub
@@ -123,6 +168,8 @@ def flatten(task: Task, records: Iterable[dict[str, Any]]) -> Iterator[dict[str,
     for position, record in enumerate(records):
         if task.target == "number":
             yield {**record, "label": -1, "value": float(raw_label(task, record)), "group": position}
+        elif task.target == "text":
+            yield {**record, "label": -1, "golds": task.gold_texts(record), "group": position}
         elif task.format != "multirc":
             yield {**record, "label": task.label_index(raw_label(task, record)), "group": position}
         elif "paragraph" in record:  # the hub's flat layout
