@@ -6,10 +6,13 @@ import os
 import signal
 import signal as signal_module
 import threading
+from typing import Any
 
 import torch
+from conftest import CONFIGS
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from transformers import ByT5Tokenizer, PreTrainedTokenizerBase
 
 from smop.backbones import build_tokenizer
 from smop.builders import build_datamodule, build_system
@@ -160,3 +163,12 @@ def build_with_data(cfg: DictConfig) -> tuple[PromptTuningSystem, TaskDataModule
     tokenizer = build_tokenizer(cfg.model.name_or_path)
     datamodule = build_datamodule(cfg, tokenizer)
     return build_system(cfg, datamodule, tokenizer), datamodule
+
+
+def task_datamodule(task: str, tokenizer: PreTrainedTokenizerBase | None = None, **overrides: Any) -> TaskDataModule:
+    """The DataModule of smop/configs/dataset/<task>.yaml (byte-level tokenizer, split seed 0), with overrides."""
+
+    options = OmegaConf.to_container(OmegaConf.load(CONFIGS / "dataset" / f"{task}.yaml"))
+    options = {k: v for k, v in options.items() if k not in ("_target_", "epochs")}
+    options.update({"split_seed": 0, **overrides})
+    return TaskDataModule(tokenizer=tokenizer or ByT5Tokenizer(), **options)

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from conftest import CONFIGS
+from helpers import task_datamodule
 from omegaconf import OmegaConf
 from transformers import ByT5Tokenizer
 
@@ -33,10 +34,7 @@ TOKENIZER = ByT5Tokenizer()
 
 
 def datamodule(task: str, **overrides) -> TaskDataModule:
-    options = OmegaConf.to_container(OmegaConf.load(CONFIGS / "dataset" / f"{task}.yaml"))
-    options = {k: v for k, v in options.items() if k not in ("_target_", "epochs")}
-    options.update({"split_seed": 0, **overrides})
-    return TaskDataModule(tokenizer=TOKENIZER, **options)
+    return task_datamodule(task, TOKENIZER, **overrides)
 
 
 @pytest.mark.parametrize("task", GLUE)

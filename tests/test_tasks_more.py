@@ -9,8 +9,7 @@ import sys
 import types
 
 import pytest
-from conftest import CONFIGS
-from omegaconf import OmegaConf
+from helpers import task_datamodule
 from transformers import ByT5Tokenizer
 
 import smop.data.sources as sources
@@ -52,10 +51,7 @@ TOKENIZER = ByT5Tokenizer()
 
 
 def datamodule(task: str, **overrides) -> TaskDataModule:
-    options = OmegaConf.to_container(OmegaConf.load(CONFIGS / "dataset" / f"{task}.yaml"))
-    options = {k: v for k, v in options.items() if k not in ("_target_", "epochs")}
-    options.update({"split_seed": 0, **overrides})
-    return TaskDataModule(tokenizer=TOKENIZER, **options)
+    return task_datamodule(task, TOKENIZER, **overrides)
 
 
 def decoded(ids: list[int]) -> str:

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import CONFIGS
+from helpers import task_datamodule
 from omegaconf import OmegaConf
 from transformers import ByT5Tokenizer
 
@@ -22,10 +23,7 @@ TOKENIZER = ByT5Tokenizer()
 
 
 def datamodule(task: str, **overrides) -> TaskDataModule:
-    options = OmegaConf.to_container(OmegaConf.load(CONFIGS / "dataset" / f"{task}.yaml"))
-    options = {k: v for k, v in options.items() if k not in ("_target_", "epochs")}
-    options.update({"split_seed": 0, **overrides})
-    return TaskDataModule(tokenizer=TOKENIZER, **options)
+    return task_datamodule(task, TOKENIZER, **overrides)
 
 
 def decode(ids: list[int]) -> str:
