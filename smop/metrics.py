@@ -13,6 +13,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -240,3 +241,16 @@ def to_number(outputs: list[str]) -> Tensor:
         return value if math.isfinite(value) else UNPARSABLE
 
     return torch.tensor([parse(text) for text in outputs], dtype=torch.float)
+
+
+def read_outputs(task: Any, texts: list[str]) -> tuple[dict[str, list[Any]], int]:
+    """What generated texts say for the task, by field, and how many say nothing: label word and index (-1 and
+    None: no label word), the number (UNPARSABLE: none), or the answer ("" for the no-answer text)."""
+    if task.target == "number":
+        values = to_number(texts).tolist()
+        return {"value": values}, sum(value == UNPARSABLE for value in values)
+    if task.target == "text":
+        return {"answer": map_no_answer(texts, task.no_answer_text)}, 0
+    indices = to_label_index(texts, task.label_words).tolist()
+    labels = [task.label_words[index] if index >= 0 else None for index in indices]
+    return {"label": labels, "label_index": indices}, sum(index < 0 for index in indices)

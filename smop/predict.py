@@ -30,9 +30,10 @@ from smop.backbones.decoding import Decoding
 from smop.data import Task
 from smop.data.tasks import template_fields
 from smop.loading import CLI_DEFAULTS, USER_ERRORS, LoadedModel, hydra_cli, load
-from smop.metrics import UNPARSABLE, map_no_answer, to_label_index, to_number
+from smop.metrics import read_outputs
 
 log = logging.getLogger(__name__)
+PLURAL = {"label": "labels", "label_index": "label_indices", "value": "values", "answer": "answers"}
 
 
 def unlabeled_examples(task: Task, record: Any, position: int) -> list[tuple[Any, dict[str, Any]]]:
@@ -95,32 +96,15 @@ def write_predictions(
     loaded: LoadedModel, pairs: list[tuple[Any, dict[str, Any]]], out: IO[str], decoding: Decoding | None = None
 ) -> int:
     """Label one batch and write (and flush) its lines; returns how many outputs were no label word."""
-    words = loaded.task.label_words
     outputs = loaded.generate([example for _, example in pairs], decoding)
     misses = 0
     for (idx, _), texts in zip(pairs, outputs, strict=True):
-        if loaded.task.target == "number":  # STS-B: the generated number (UNPARSABLE when it is none)
-            values = to_number(texts).tolist()
-            misses += sum(value == UNPARSABLE for value in values)
-            line = {"idx": idx, "value": values[0], "output": texts[0]}
-            if len(texts) > 1:
-                line = {"idx": idx, "values": values, "outputs": texts}
-            out.write(json.dumps(line) + "\n")
-            continue
-        if loaded.task.target == "text":  # QA, summaries: the text itself ("" where it is the no-answer text)
-            answers = map_no_answer(texts, loaded.task.no_answer_text)
-            line = {"idx": idx, "answer": answers[0], "output": texts[0]}
-            if len(texts) > 1:
-                line = {"idx": idx, "answers": answers, "outputs": texts}
-            out.write(json.dumps(line) + "\n")
-            continue
-        indices = to_label_index(texts, words).tolist()
-        labels = [words[index] if index >= 0 else None for index in indices]
-        misses += sum(index < 0 for index in indices)
+        fields, missed = read_outputs(loaded.task, texts)  # label, value (STS-B) or answer (QA, summaries)
+        misses += missed
         if len(texts) == 1:
-            line = {"idx": idx, "label": labels[0], "label_index": indices[0], "output": texts[0]}
-        else:  # decoding.num_return_sequences > 1: every sampled output and its label
-            line = {"idx": idx, "labels": labels, "label_indices": indices, "outputs": texts}
+            line = {"idx": idx, **{name: values[0] for name, values in fields.items()}, "output": texts[0]}
+        else:  # decoding.num_return_sequences > 1: every sampled output and what it says
+            line = {"idx": idx, **{PLURAL[name]: values for name, values in fields.items()}, "outputs": texts}
         out.write(json.dumps(line) + "\n")
     out.flush()
     return misses

@@ -42,7 +42,7 @@ from smop.loading import (
     with_model,
 )
 from smop.methods.base import NO_INPUTS
-from smop.metrics import to_label_index
+from smop.metrics import read_outputs
 
 
 @dataclass
@@ -222,14 +222,15 @@ class PromptServer(nn.Module):
         return Generation([seq[: 1 + limit] for seq, limit in zip(sequences, limits, strict=True)], states, mask, width)
 
     def predict(self, rows: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-        """Per row: its task, the predicted label word (None when the output was none) and its index (-1 then)."""
+        """Per row: its task and what its output says: the label word (None when the output was none) and its index
+        (-1 then), the number (STS-B) or the answer (QA, summaries); and the output text."""
         batch = self.batch(rows)
         generation = self.generate(batch)
         results: list[dict[str, Any]] = [{} for _ in rows]
         for name, index in self._rows_of(batch.tasks).items():
-            words = self.specs[name].task.label_words
             sequences = [generation.sequences[i].tolist() for i in index.tolist()]
             texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
-            for i, label in zip(index.tolist(), to_label_index(texts, words).tolist(), strict=True):
-                results[i] = {"task": name, "label": words[label] if label >= 0 else None, "label_index": label}
+            fields, _ = read_outputs(self.specs[name].task, texts)
+            for j, i in enumerate(index.tolist()):
+                results[i] = {"task": name, **{key: values[j] for key, values in fields.items()}, "output": texts[j]}
         return results

@@ -122,10 +122,12 @@ def test_mixed_batch_equals_each_task_alone(exports):
         assert torch.equal(generation.sequences[row], ref["ids"][j]), (name, j)
         steps = len(generation.sequences[row])
         torch.testing.assert_close(logits[row, :steps], ref["logits"][j], atol=1e-4, rtol=1e-4)
+        text = server.tokenizer.decode(ref["ids"][j], skip_special_tokens=True)
         assert predictions[row] == {
             "task": name,
             "label_index": ref["labels"][j],
             "label": server.specs[name].task.label_words[ref["labels"][j]] if ref["labels"][j] >= 0 else None,
+            "output": text,
         }
     assert not torch.allclose(logits[0, 0], logits[4, 0])  # two RTE rows: the logits differ, the check has teeth
 
@@ -211,3 +213,17 @@ def test_causal_mixed_batch_equals_each_task_alone(causal_exports):
         torch.testing.assert_close(logits[row, :steps], ref["logits"][j, :steps], atol=1e-4, rtol=1e-4)
         assert predictions[row]["label_index"] == ref["labels"][j], (name, j)
     assert not torch.allclose(logits[0, 0], logits[4, 0])  # two RTE rows: the logits differ, the check has teeth
+
+
+def test_a_number_and_a_text_task_say_what_their_outputs_mean(tmp_path):
+    """STS-B rows get the generated number, SQuAD 2.0 rows the answer ("" for the no-answer text), next to labels."""
+    stsb = export_perturbed(["dataset=stsb", "method=prompt_tuning", "method.prompt_length=3"], tmp_path / "stsb")
+    squad = export_perturbed(["dataset=squad_v2", "method=prompt_tuning", "method.prompt_length=4"], tmp_path / "qa")
+    server = PromptServer({"stsb": stsb, "squad_v2": squad}, device="cpu")
+    rows = []
+    for task, name in (("stsb", "validation"), ("squad_v2", "validation")):
+        record = json.loads((sample_dir(task) / f"{name}.jsonl").read_text().splitlines()[0])
+        rows.append((task, record))
+    number, text = server.predict(rows)
+    assert set(number) == {"task", "value", "output"} and isinstance(number["value"], float)
+    assert set(text) == {"task", "answer", "output"} and isinstance(text["answer"], str)
