@@ -45,6 +45,9 @@ TASKS = ("boolq", "cb", "copa", "multirc", "rte", "wic")
 # DePT's Table 1 tasks that have configs (SuperGLUE's WSC has none yet); each trains for its released step count
 DEPT_GLUE = ("mnli", "qqp", "qnli", "sst2", "stsb", "mrpc", "glue_rte", "cola")
 DEPT_SUPERGLUE = ("multirc", "boolq", "wic", "cb")
+DEPT_MRQA = ("newsqa", "searchqa", "hotpotqa", "nq")
+# FPT's tasks, each with its own experiment (fpt_<task>: target length, stacks), run with the reference's seed
+FPT_TASKS = ("mnli", "qqp", "squad_v2", "xsum")
 ROUTERS = ("top1_perturbed", "top1", "top2", "gumbel", "stochastic", "single")
 # Keys sweep.py sets itself: giving them would send jobs to folders where resume cannot find them.
 RESERVED = ("hydra.sweep.dir", "hydra.sweep.subdir", "hydra.searchpath", "hydra.mode", JOB_GROUP)
@@ -75,12 +78,17 @@ class Grid:
     fixed: tuple[str, ...] = ()  # shared overrides; the command line may override them
     summarise: bool = True  # print the summary table when the launch ends
     env: tuple[tuple[str, str], ...] = ()  # environment defaults for the jobs; the caller's environment wins
+    per_dataset: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (dataset, overrides only its jobs get)
 
     def jobs(self, seeds: Iterable[int] | None = None, datasets: Iterable[str] | None = None) -> list[Job]:
         """Configurations outermost, seeds innermost: a sequential launcher finishes one config at a time."""
         seeds, datasets = tuple(self.seeds if seeds is None else seeds), tuple(datasets or self.datasets)
+        own = dict(self.per_dataset)
         return [
-            Job(f"{label}-{dataset}-s{seed}", (*self.fixed, *overrides, f"dataset={dataset}", f"seed={seed}"))
+            Job(
+                f"{label}-{dataset}-s{seed}",
+                (*self.fixed, *overrides, *own.get(dataset, ()), f"dataset={dataset}", f"seed={seed}"),
+            )
             for label, overrides in self.configs
             for dataset in datasets
             for seed in seeds
@@ -88,7 +96,8 @@ class Grid:
 
     def job_keys(self) -> set[str]:
         """Keys that differ between jobs: the command line may not set them (use --seeds / --datasets)."""
-        return {override_key(o) for _, overrides in self.configs for o in overrides} | {"dataset", "seed"}
+        per_job = [*self.configs, *self.per_dataset]
+        return {override_key(o) for _, overrides in per_job for o in overrides} | {"dataset", "seed"}
 
 
 def _pt(length: int) -> tuple[str, tuple[str, ...]]:
@@ -159,6 +168,20 @@ GRIDS: dict[str, Grid] = {
             "DePT Table 1, SuperGLUE (WSC has no config): DePT on T5-base, released protocol and steps.",
             (("dept", ("experiment=dept_superglue",)),),
             datasets=DEPT_SUPERGLUE,
+        ),
+        Grid(
+            "dept_mrqa",
+            "DePT on MRQA: T5-base, 512-token inputs, batch 16 x 2 accumulated, released steps.",
+            (("dept", ("experiment=dept_mrqa",)),),
+            datasets=DEPT_MRQA,
+        ),
+        Grid(
+            "fpt",
+            "FPT on T5-large: MNLI, QQP, SQuAD 2.0, XSum, each with its experiment fpt_<task>, seed 2022.",
+            (("fpt", ()),),
+            datasets=FPT_TASKS,
+            seeds=(2022,),
+            per_dataset=tuple((task, (f"experiment=fpt_{task}",)) for task in FPT_TASKS),
         ),
         Grid(
             "demo",

@@ -19,7 +19,9 @@ from smop.summary import routing_specialisation, summarise
 from smop.sweeps import (
     CONFIG_DIR,
     DEPT_GLUE,
+    DEPT_MRQA,
     DEPT_SUPERGLUE,
+    FPT_TASKS,
     GRIDS,
     JOB_GROUP,
     JOBS_DIR,
@@ -68,7 +70,9 @@ def test_list_prints_the_jobs_without_running_them(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-@pytest.mark.parametrize(("grid", "tasks"), [("dept_glue", DEPT_GLUE), ("dept_superglue", DEPT_SUPERGLUE)])
+@pytest.mark.parametrize(
+    ("grid", "tasks"), [("dept_glue", DEPT_GLUE), ("dept_superglue", DEPT_SUPERGLUE), ("dept_mrqa", DEPT_MRQA)]
+)
 def test_dept_grids_list_their_tasks_and_every_job_composes(grid, tasks, tmp_path):
     out = sweep(grid, "--list", "--seeds", "0", "--sweep-dir", str(tmp_path / "listed"))
     assert out.returncode == 0, out.stderr
@@ -81,6 +85,23 @@ def test_dept_grids_list_their_tasks_and_every_job_composes(grid, tasks, tmp_pat
         (tmp_path / JOB_GROUP / f"{job.name}.yaml").write_text(job_yaml(job, grid))
     GlobalHydra.instance().clear()
     assert check_jobs(jobs, tmp_path, []) == {}
+
+
+def test_fpt_grid_runs_each_task_with_its_own_experiment_and_seed_2022(tmp_path):
+    out = sweep("fpt", "--list", "--sweep-dir", str(tmp_path / "listed"))
+    assert out.returncode == 0, out.stderr
+    lines = [line.split() for line in out.stdout.splitlines() if not line.startswith("#")]
+    assert [line[0] for line in lines] == [f"fpt-{task}-s2022" for task in FPT_TASKS]
+    for line, task in zip(lines, FPT_TASKS, strict=True):
+        assert line[2:] == ["python", "train.py", f"experiment=fpt_{task}", f"dataset={task}", "seed=2022"]
+    jobs = GRIDS["fpt"].jobs()
+    (tmp_path / JOB_GROUP).mkdir()
+    for job in jobs:
+        (tmp_path / JOB_GROUP / f"{job.name}.yaml").write_text(job_yaml(job, "fpt"))
+    GlobalHydra.instance().clear()
+    assert check_jobs(jobs, tmp_path, []) == {}
+    with pytest.raises(SweepError):
+        check_extra(GRIDS["fpt"], ["experiment=fpt_mnli"])  # a per-job key
 
 
 # one job of each kind: every method of table 1, PT and SMoP shapes, a router and the single router, the demo

@@ -18,7 +18,7 @@ from smop.data.tasks import Task
 from smop.metrics import MeanTextScore, TaskMetrics, exact_match, map_no_answer, token_f1
 from smop.run import run
 
-TEXT_TASKS = ["squad_v2", "newsqa", "xsum"]
+TEXT_TASKS = ["squad_v2", "newsqa", "searchqa", "hotpotqa", "nq", "xsum"]
 TOKENIZER = ByT5Tokenizer()
 
 
@@ -129,6 +129,15 @@ KNOWN = {  # a record in the hub's layout -> (input text, target text, golds)
         "Rain",
         ["Rain", "rain"],
     ),
+    **{
+        task: (
+            {"context": "Ann won.", "question": "Who won?", "answers": ["Ann", "ann", "Ann."], "key": "k"},
+            "question: Who won? context: Ann won.",
+            "Ann",
+            ["Ann", "ann", "Ann."],
+        )
+        for task in ("searchqa", "hotpotqa", "nq")
+    },
     "xsum": ({"document": "A long story.", "summary": "Short.", "id": "7"}, "A long story.", "Short.", ["Short."]),
 }
 
@@ -200,7 +209,12 @@ def test_bundled_sample_parses_in_the_hub_layout(task):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("task", "metrics"), [("squad_v2", {"squad_em", "squad_f1"}), ("xsum", {"rouge1", "rouge2", "rougeL"})]
+    ("task", "metrics"),
+    [
+        ("squad_v2", {"squad_em", "squad_f1"}),
+        ("hotpotqa", {"squad_em", "squad_f1"}),
+        ("xsum", {"rouge1", "rouge2", "rougeL"}),
+    ],
 )
 def test_text_tasks_run_end_to_end_on_their_sample(make_cfg, task, metrics):
     overrides = [f"dataset={task}", "method=prompt_tuning", "method.prompt_length=4", "dataset.max_length=96"]
