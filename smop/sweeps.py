@@ -42,9 +42,9 @@ JOBS_DIR = "_jobs"  # folders starting with "_" hold the sweep's own files; summ
 ATTEMPTS_DIR = "_attempts"
 LOGS_DIR = "_logs"
 TASKS = ("boolq", "cb", "copa", "multirc", "rte", "wic")
-# DePT's Table 1 tasks that have configs (SuperGLUE's WSC has none yet); each trains for its released step count
+# DePT's Table 1 tasks; each trains for its released step count
 DEPT_GLUE = ("mnli", "qqp", "qnli", "sst2", "stsb", "mrpc", "glue_rte", "cola")
-DEPT_SUPERGLUE = ("multirc", "boolq", "wic", "cb")
+DEPT_SUPERGLUE = ("multirc", "boolq", "wic", "wsc", "cb")
 DEPT_MRQA = ("newsqa", "searchqa", "hotpotqa", "nq")
 # FPT's tasks, each with its own experiment (fpt_<task>: target length, stacks), run with the reference's seed
 FPT_TASKS = ("mnli", "qqp", "squad_v2", "xsum")
@@ -165,7 +165,7 @@ GRIDS: dict[str, Grid] = {
         ),
         Grid(
             "dept_superglue",
-            "DePT Table 1, SuperGLUE (WSC has no config): DePT on T5-base, released protocol and steps.",
+            "DePT Table 1, SuperGLUE: DePT on T5-base, released protocol and steps.",
             (("dept", ("experiment=dept_superglue",)),),
             datasets=DEPT_SUPERGLUE,
         ),

@@ -188,3 +188,50 @@ def test_k_shot_reads_the_tasks_own_label_field():
     dm = datamodule("winogrande", k_shot=3)
     dm.setup()
     assert sorted(row["label_index"] for row in dm.splits["train"]) == [0, 0, 0, 1, 1, 1]
+
+
+# --- WSC: T5's span marking by word index ------------------------------------------------------------------------
+WSC_RECORD = {
+    "text": "The trophy doesn't fit into the brown suitcase because it is too large.",
+    "span1_index": 0,
+    "span2_index": 9,
+    "span1_text": "The trophy",
+    "span2_text": "it",
+    "idx": 0,
+    "label": 1,
+}
+
+
+def test_wsc_marks_its_spans_by_word_index_as_t5():
+    from smop.data.tasks import mark_spans
+
+    marked = "* The trophy * doesn't fit into the brown suitcase because # it # is too large."
+    assert mark_spans(WSC_RECORD) == marked
+    # a span text with regex characters is only compared, never compiled (the reference's regex breaks on it)
+    odd = {**WSC_RECORD, "text": "Mr. (A) saw Bo because he ran.", "span1_text": "Mr. (A)", "span2_index": 5}
+    odd["span2_text"] = "he"
+    assert mark_spans(odd) == "* Mr. (A) * saw Bo because # he # ran."
+    with pytest.raises(ValueError, match=r"span2_text 'it' is not at word 8 of the text"):
+        mark_spans({**WSC_RECORD, "span2_index": 8})
+
+
+def test_wsc_template_target_and_sample(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps({**WSC_RECORD, "idx": i}) for i in range(10)))
+    dm = datamodule("wsc", source="dir", data_dir=str(tmp_path))
+    dm.setup()
+    row = dm.splits["test"][0]
+    assert (
+        decoded(row["input_ids"])
+        == "text: * The trophy * doesn't fit into the brown suitcase because # it # is too large."
+    )
+    assert decoded(row["labels"]) == "1"
+    sample = datamodule("wsc")
+    sample.setup()
+    assert {r["label_index"] for r in sample.splits["test"]} == {0, 1} and len(sample.splits["test"]) >= 20
+
+
+@pytest.mark.slow
+def test_wsc_runs_end_to_end(make_cfg):
+    overrides = ["dataset=wsc", "method=prompt_tuning", "method.prompt_length=4", "trainer.fast_dev_run=true"]
+    assert run(make_cfg(*overrides, "callbacks=none"))["status"] == "completed"

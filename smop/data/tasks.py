@@ -13,7 +13,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMATS = ("flat", "multirc")  # a record per example, or MultiRC's paragraphs with nested questions and answers
+# a record per example; MultiRC's paragraphs with nested questions and answers; WSC's text with its two spans marked
+FORMATS = ("flat", "multirc", "wsc")
 TARGETS = ("labels", "number", "text")  # a label word per class, a number written as text (STS-B), or free text
 NUMBER_METRICS = ("pearson", "spearman")
 TEXT_METRICS = ("squad_em", "squad_f1", "rouge1", "rouge2", "rougeL")  # generated texts against gold texts
@@ -170,6 +171,9 @@ def flatten(task: Task, records: Iterable[dict[str, Any]]) -> Iterator[dict[str,
             yield {**record, "label": -1, "value": float(raw_label(task, record)), "group": position}
         elif task.target == "text":
             yield {**record, "label": -1, "golds": task.gold_texts(record), "group": position}
+        elif task.format == "wsc":
+            text = mark_spans(record)
+            yield {**record, "text": text, "label": task.label_index(raw_label(task, record)), "group": position}
         elif task.format != "multirc":
             yield {**record, "label": task.label_index(raw_label(task, record)), "group": position}
         elif "paragraph" in record:  # the hub's flat layout
@@ -187,3 +191,19 @@ def flatten(task: Task, records: Iterable[dict[str, Any]]) -> Iterator[dict[str,
                         "label": task.label_index(answer["label"]),
                         "group": group,
                     }
+
+
+def mark_spans(record: dict[str, Any]) -> str:
+    """WSC's text with T5's marks: `* span1 *` around the noun phrase and `# span2 #` around the pronoun, placed by
+    the records' word indices (the reference's regex over the span text is not used: an unescaped span breaks it).
+    A span whose words are not at its index is refused, naming both."""
+    words = record["text"].split(" ")
+    for key, mark in (("span1", "*"), ("span2", "#")):
+        index, span = record[f"{key}_index"], record[f"{key}_text"].split(" ")
+        found = words[index : index + len(span)]
+        if [w.strip(".,;:!?'\"").lower() for w in found] != [w.strip(".,;:!?'\"").lower() for w in span]:
+            raise ValueError(f"{key}_text {record[f'{key}_text']!r} is not at word {index} of the text ({found})")
+        words[index] = f"{mark} {words[index]}"
+        last = index + len(span) - 1
+        words[last] = f"{words[last]} {mark}"
+    return " ".join(words)
