@@ -17,8 +17,8 @@ from transformers import ByT5Tokenizer
 import smop.data.sources as sources
 from smop.builders import build_datamodule
 from smop.data import TaskDataModule
-from smop.data.datamodule import split_train_val
 from smop.data.sources import read_records, sample_dir, split_file
+from smop.data.splits import split_train_val
 from smop.data.tasks import Task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "smop" / "configs"

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.nn.utils.rnn import pad_sequence
@@ -15,27 +13,17 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from smop.data.sources import DEFAULT_SPLITS, SOURCES, SPLIT_ROLES, load_split_records
-from smop.data.splits import PROTOCOLS, check_k_shot, describe, divide, k_shot_part, smop_split, units
+from smop.data.splits import (
+    PROTOCOLS,
+    check_k_shot,
+    describe,
+    divide,
+    k_shot_part,
+    smop_split,
+    units,
+)
 from smop.data.synthetic import synthetic_mixture
 from smop.data.tasks import Task, flatten, raw_label
-
-
-def split_train_val(labels: list[Any], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split of the official train set, stratified per label: 90/10 by default.
-
-    The reference kept the first n*9//10 rows of each label in file order; we shuffle each label's indices
-    with `seed` first, so the split is reproducible without depending on file order, then keep the same count
-    (the floor of n * (1 - val_fraction)).
-    """
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for label in sorted(set(labels), key=str):
-        members = [i for i, value in enumerate(labels) if value == label]
-        rng.shuffle(members)
-        cut = math.floor(len(members) * (1 - val_fraction) + 1e-9)  # epsilon: 0.29 * 100 is 28.999... in floats
-        train += members[:cut]
-        val += members[cut:]
-    return sorted(train), sorted(val)
 
 
 def encode(
@@ -242,7 +230,7 @@ class TaskDataModule(L.LightningDataModule):
         """SMoP's 90/10 split of the training file: stratified per label (a number or text target: one stratum)."""
         multirc = self.task.format == "multirc"  # split by paragraph: no question spans two splits
         strata = [0 if self.task.target in ("number", "text") or multirc else raw_label(self.task, r) for r in train]
-        return smop_split(strata, units(train, multirc), self.val_fraction, self.split_seed, split_train_val)
+        return smop_split(strata, units(train, multirc), self.val_fraction, self.split_seed)
 
     def setup(self, stage: str | None = None) -> None:
         """Read, split, flatten and tokenize once; every later stage reuses it."""
@@ -259,7 +247,10 @@ class TaskDataModule(L.LightningDataModule):
         for split, records in raw.items():
             examples = list(flatten(self.task, records))
             inputs = encode(self.task, self.tokenizer, examples, self.budget, self.causal)
-            targets = target_ids(self.tokenizer, [self.task.target_text(ex) for ex in examples], self.causal)
+            texts = [self.task.target_text(ex) for ex in examples]
+            distinct = list(dict.fromkeys(texts))  # label words: a few texts for every row, tokenized once each
+            encoded = dict(zip(distinct, target_ids(self.tokenizer, distinct, self.causal), strict=True))
+            targets = [encoded[text] for text in texts]
             if self.text_target_length is not None:  # a long summary: its first tokens and the EOS, as generated
                 eos, length = self.tokenizer.eos_token_id, self.text_target_length
                 targets = [truncate_target(ids, length, eos) for ids in targets]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,19 +66,33 @@ def permuted_units(unit_of_row: list[Any]) -> list[Any]:
     return [distinct[i] for i in order]
 
 
+def split_train_val(labels: list[Any], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of the official train set, stratified per label: 90/10 by default.
+
+    The reference kept the first n*9//10 rows of each label in file order; we shuffle each label's indices
+    with `seed` first, so the split is reproducible without depending on file order, then keep the same count
+    (the floor of n * (1 - val_fraction)).
+    """
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in sorted(set(labels), key=str):
+        members = [i for i, value in enumerate(labels) if value == label]
+        rng.shuffle(members)
+        cut = math.floor(len(members) * (1 - val_fraction) + 1e-9)  # epsilon: 0.29 * 100 is 28.999... in floats
+        train += members[:cut]
+        val += members[cut:]
+    return sorted(train), sorted(val)
+
+
 def smop_split(
-    strata: list[Any],
-    unit_of_row: list[Any],
-    val_fraction: float,
-    seed: int,
-    stratified_split: Callable[[list[Any], float, int], tuple[list[int], list[int]]],
+    strata: list[Any], unit_of_row: list[Any], val_fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
     """Rows of the training file kept for training and held out for validation (SMoP's protocol)."""
     distinct = sorted(set(unit_of_row))
     if len(distinct) < len(unit_of_row):  # MultiRC: split whole paragraphs, no question spans two splits
-        held = {distinct[i] for i in stratified_split([0] * len(distinct), val_fraction, seed)[1]}
+        held = {distinct[i] for i in split_train_val([0] * len(distinct), val_fraction, seed)[1]}
         return [i for i, u in enumerate(unit_of_row) if u not in held], rows_of(unit_of_row, held)
-    return stratified_split(strata, val_fraction, seed)
+    return split_train_val(strata, val_fraction, seed)
 
 
 def divide(
