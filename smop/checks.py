@@ -43,9 +43,10 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
     """Raise ValueError / FileNotFoundError naming the bad value and the allowed ones."""
     check_step_budget(cfg)
     check_ranges(cfg)  # every numeric option in its range first: the checks below compare them
-    dtype = cfg.model.get("dtype") if cfg.get("model") is not None else None
-    if dtype is not None and dtype not in DTYPE_NAMES:
-        raise ValueError(f"model.dtype={dtype} is not one of: null, {', '.join(DTYPE_NAMES)}")
+    if cfg.get("model") is not None:
+        from smop.backbones import weight_dtype
+
+        weight_dtype(cfg.model.get("dtype"))  # an unknown name is refused here, before anything is read or built
     method = cfg.method.name
     routers = ", ".join(options("router"))
     if method_routes(cfg):
