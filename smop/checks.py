@@ -73,12 +73,15 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
         folder = Path(data.data_dir).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"dataset.data_dir={data.data_dir} does not exist or is not a folder")
-        named = {**DEFAULT_SPLITS, **dict(data.get("splits") or {})}
-        for split in (named["train"], named["validation"]):  # every protocol reads these two (others when read)
+        named = {**DEFAULT_SPLITS, **{k: v for k, v in dict(data.get("splits") or {}).items() if v}}
+        for role in ("train", "validation", "validation_alt"):  # every protocol reads these (a test file when used)
+            if role not in named:
+                continue
             try:
-                split_file(folder, split)
+                split_file(folder, named[role])
             except FileNotFoundError as err:
-                raise FileNotFoundError(f"dataset.data_dir={data.data_dir}: {err}") from err
+                skip = f" (or leave it out: dataset.splits.{role}=null)" if role == "validation_alt" else ""
+                raise FileNotFoundError(f"dataset.data_dir={data.data_dir}: {err}{skip}") from err
     protocol = data.get("split_protocol", "smop")
     if protocol not in PROTOCOLS:
         raise ValueError(f"dataset.split_protocol={protocol} is not one of: {', '.join(PROTOCOLS)}")

@@ -22,7 +22,8 @@ from smop.methods.base import NO_INPUTS, PromptModule, PromptOutput
 from smop.methods.lora import add_lora
 from smop.metrics import RoutingCounts, TaskMetrics, map_no_answer, to_label_index, to_number
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "test_alt")  # test_alt: the second test set (MNLI mismatched)
+EVAL_SPLITS = SPLITS[1:]
 FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
@@ -80,7 +81,7 @@ class PromptTuningSystem(L.LightningModule):
         self.train_backbone, self.train_dropout = train_backbone, train_dropout
         self.strict_loading = False  # checkpoints hold trainable weights only; on_load_checkpoint checks them
         num_classes = len(task.label_words)
-        self.task_metrics = nn.ModuleDict({_key(s): TaskMetrics(task.metrics, num_classes) for s in ("val", "test")})
+        self.task_metrics = nn.ModuleDict({_key(s): TaskMetrics(task.metrics, num_classes) for s in EVAL_SPLITS})
         routed = prompt is not None and prompt.routes
         self.routing = nn.ModuleDict({_key(s): RoutingCounts(prompt.num_prompts) for s in SPLITS}) if routed else None
         self.routing_counts: dict[str, list[int]] = {}
@@ -206,8 +207,8 @@ class PromptTuningSystem(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step("test", batch)
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(("test", "test_alt")[dataloader_idx], batch)
 
     def _count_routes(self, split: str, out: PromptOutput | None) -> None:
         if self.routing is not None and out is not None and out.routes is not None:
@@ -237,6 +238,8 @@ class PromptTuningSystem(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
+        if len(self.trainer.num_test_batches) > 1:  # a second test set (MNLI mismatched) was evaluated
+            self._log_epoch("test_alt")
 
     # --- optimisation ------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:

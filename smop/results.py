@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 RESULTS_FILE = "results.json"
+METRIC_SPLITS = ("val", "test", "test_alt")  # results.json's metrics; test_alt: a second test set (MNLI mismatched)
 
 
 def versions() -> dict[str, str | None]:
@@ -52,10 +53,11 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
     )
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    for split in ("val", "test"):
+    for split in METRIC_SPLITS:
         for name, value in (results["metrics"].get(split) or {}).items():
             table.add_row(f"{split}/{name}", f"{value:.4f}")
-    table.add_row("best epoch", str(results["metrics"].get("best_epoch")))
+    metrics = results["metrics"]
+    table.add_row("best epoch / step", f"{metrics.get('best_epoch')} / {metrics.get('best_step')}")
     params = results["params"]
     table.add_row("trainable / total params", f"{params['trainable']:,} / {params['total']:,}")
     for name, value in (results.get("cost") or {}).items():

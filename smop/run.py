@@ -150,7 +150,10 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             results["metrics"]["val"] = strip_prefix(validated[0], "val")
             if cfg.test:
                 tested = trainer.test(system, datamodule=datamodule, ckpt_path=checkpoint)
-                results["metrics"]["test"] = strip_prefix(tested[0], "test")
+                logged = {key: value for metrics in tested for key, value in metrics.items()}  # one dict per set
+                results["metrics"]["test"] = strip_prefix(logged, "test")
+                if "test_alt" in datamodule.splits:  # the task's other validation file (MNLI mismatched)
+                    results["metrics"]["test_alt"] = strip_prefix(logged, "test_alt")
             results["status"] = "completed"
     except BaseException as err:
         results["status"] = "failed"

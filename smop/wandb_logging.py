@@ -21,6 +21,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from smop.results import METRIC_SPLITS
+
 log = logging.getLogger(__name__)
 
 INSTALL = 'pip install -e ".[wandb]"'
@@ -176,7 +178,7 @@ def final_tables(results: dict[str, Any]) -> dict[str, Any]:
     params = results.get("params") or {}
     cost = {"status": results.get("status"), **{f"params_{k}": v for k, v in params.items()}, **results["cost"]}
     metrics = results.get("metrics") or {}
-    rows = [[split, name, value] for split in ("val", "test") for name, value in (metrics.get(split) or {}).items()]
+    rows = [[split, name, value] for split in METRIC_SPLITS for name, value in (metrics.get(split) or {}).items()]
     routing = [
         [split, prompt, count]
         for split, counts in (results.get("routing") or {}).get("counts", {}).items()
@@ -198,12 +200,16 @@ def final_tables(results: dict[str, Any]) -> dict[str, Any]:
 def final_summary(results: dict[str, Any]) -> dict[str, Any]:
     """Scalar run-summary values: what the runs table of the workspace shows and sorts by."""
     metrics = results.get("metrics") or {}
-    summary: dict[str, Any] = {"status": results.get("status"), "best_epoch": metrics.get("best_epoch")}
+    summary: dict[str, Any] = {
+        "status": results.get("status"),
+        "best_epoch": metrics.get("best_epoch"),
+        "best_step": metrics.get("best_step"),
+    }
     if results.get("error"):
         summary["error"] = results["error"]
     summary.update({f"params/{k}": v for k, v in (results.get("params") or {}).items()})
     summary.update({f"cost/{k}": v for k, v in results["cost"].items()})
-    for split in ("val", "test"):
+    for split in METRIC_SPLITS:
         summary.update({f"final/{split}/{k}": v for k, v in (metrics.get(split) or {}).items()})
     return {key: value for key, value in summary.items() if value is not None}
 

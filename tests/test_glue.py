@@ -40,7 +40,7 @@ def datamodule(task: str, **overrides) -> TaskDataModule:
 @pytest.mark.parametrize("task", GLUE)
 def test_template_and_target_are_depts(task, tmp_path):
     record, text = KNOWN[task]
-    for split in ("train", datamodule(task).split_names["validation"]):
+    for split in datamodule(task).split_names.values():
         rows = [{**record, "idx": i} for i in range(10)]
         (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     dm = datamodule(task, source="dir", data_dir=str(tmp_path))
@@ -69,16 +69,20 @@ def test_mnli_tests_on_validation_matched_and_reads_parquet(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
     matched = [{"premise": "matched", "hypothesis": "h", "label": i % 3, "idx": i} for i in range(6)]
     (tmp_path / "validation_matched.jsonl").write_text("\n".join(json.dumps(r) for r in matched) + "\n")
-    dm = datamodule("mnli", source="dir", data_dir=str(tmp_path))
+    dm = datamodule(
+        "mnli", source="dir", data_dir=str(tmp_path), splits={"train": "train", "validation": "validation_matched"}
+    )
     dm.setup()
-    assert len(dm.splits["test"]) == 6
+    assert len(dm.splits["test"]) == 6 and "test_alt" not in dm.splits
     assert TOKENIZER.decode(dm.splits["test"][0]["input_ids"], skip_special_tokens=True).startswith("premise: matched")
     pq.write_table(
         pa.Table.from_pylist([*rows[:4], {"premise": "no hypothesis", "label": 0, "idx": 4}]),
         tmp_path / "train.parquet",
     )
     with pytest.raises(ValueError, match=r"train.parquet: row 5: malformed mnli record: missing field"):
-        datamodule("mnli", source="dir", data_dir=str(tmp_path)).setup()
+        datamodule(
+            "mnli", source="dir", data_dir=str(tmp_path), splits={"train": "train", "validation": "validation_matched"}
+        ).setup()
 
 
 def test_a_folder_without_the_test_split_names_the_files_it_looked_for(make_cfg, tmp_path):
@@ -117,7 +121,10 @@ def test_every_glue_task_runs_end_to_end_on_its_sample(make_cfg, task):
         make_cfg(f"dataset={task}", "method=prompt_tuning", "method.prompt_length=4", "trainer.fast_dev_run=true")
     )
     assert results["status"] == "completed" and results["split"]["protocol"] == "smop"
-    assert results["split"]["examples"]["test"] == 24 and set(results["split"]["hash"]) == {"train", "val", "test"}
+    alt = {"test_alt"} if task == "mnli" else set()  # mismatched, tested next to matched
+    assert (
+        results["split"]["examples"]["test"] == 24 and set(results["split"]["hash"]) == {"train", "val", "test"} | alt
+    )
     expected = set(OmegaConf.load(CONFIGS / "dataset" / f"{task}.yaml").metrics) | {"score"}
     assert set(results["metrics"]["test"]) == expected
 
@@ -235,3 +242,22 @@ def test_an_unknown_split_protocol_is_refused_by_name(make_cfg):
 def test_dept_large_on_a_sample_smaller_than_its_held_out_rows_is_refused():
     with pytest.raises(ValueError, match=r"dept_split=large holds out 1,000 training rows .* sst2's training file has"):
         datamodule("sst2", split_protocol="dept").setup()
+
+
+def test_mnli_reports_matched_and_mismatched_accuracy(make_cfg):
+    """The smop protocol tests on validation_matched (`test`) and on validation_mismatched (`test_alt`); DePT's
+    validates on mismatched and so has no second test set."""
+    dm = task_datamodule("mnli")
+    dm.setup()
+    assert dm.split_info["records"]["test_alt"] == len(dm.splits["test_alt"]) >= 20
+    assert [len(loader.dataset) for loader in dm.test_dataloader()] == [
+        len(dm.splits["test"]),
+        len(dm.splits["test_alt"]),
+    ]
+    dept = task_datamodule("mnli", split_protocol="dept")
+    dept.setup()
+    assert "test_alt" not in dept.splits and dept.split_info["hash"]["val"] == dm.split_info["hash"]["test_alt"]
+    results = run(
+        make_cfg("dataset=mnli", "method=prompt_tuning", "method.prompt_length=4", "trainer.fast_dev_run=true")
+    )
+    assert set(results["metrics"]["test"]) == set(results["metrics"]["test_alt"]) == {"accuracy", "score"}

@@ -179,6 +179,7 @@ def test_offline_run_logs_config_metrics_routing_histograms_and_cost_table(make_
     assert summary["final/test/score"] == pytest.approx(results["metrics"]["test"]["score"])
     assert summary["cost/train_time_s"] == pytest.approx(results["cost"]["train_time_s"])
     assert summary["params/trainable"] == results["params"]["trainable"] and summary["status"] == "completed"
+    assert summary["best_step"] == results["metrics"]["best_step"] is not None
     tables = {}
     for key in ("final/cost", "final/metrics", "final/routing"):
         assert summary[key]["_type"] == "table-file", key

@@ -375,5 +375,9 @@ class TaskDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The test set, and the task's other validation file when the protocol does not validate on it (MNLI's
+        mismatched: `test_alt`, the module's second test dataloader)."""
+        if "test_alt" in self.splits:
+            return [self._eval_loader("test"), self._eval_loader("test_alt")]
         return self._eval_loader("test")

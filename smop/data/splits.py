@@ -9,6 +9,9 @@ dept      DePT's rule, per task (`dataset.dept_split`): `small` sets validate an
           the reference (torch.randperm).
 official  train, the official validation set, and a labelled official test file (a task that has none is refused).
 
+A task with another validation file (MNLI's mismatched) that the protocol does not validate on is also tested on it:
+the `test_alt` split, reported next to `test` (MNLI: matched and mismatched accuracy).
+
 `dataset.k_shot=K` then keeps K training rows per class (DePT's k-shot runs): the training file shuffled with the
 training seed, the first K rows of each class kept. Validation and test are untouched.
 
@@ -104,7 +107,23 @@ def divide(
     smop_rows: Callable[[list[dict[str, Any]]], tuple[list[int], list[int]]],
     multirc: bool,
 ) -> dict[str, Part]:
-    """train / val / test Parts of a task under `protocol`; `read(role)` reads a hub file by its role."""
+    """train / val / test (and test_alt) Parts of a task under `protocol`; `read(role)` reads a hub file by its role."""
+    parts = _divide(protocol, dept_split, read, named, task_name, smop_rows, multirc)
+    used = {part.ids[0].split(":")[0] for part in parts.values() if part.ids}
+    if "validation_alt" in named and "validation_alt" not in used:
+        parts["test_alt"] = Part.of("validation_alt", read("validation_alt"))
+    return parts
+
+
+def _divide(
+    protocol: str,
+    dept_split: str,
+    read: Callable[[str], list[dict[str, Any]]],
+    named: set[str],
+    task_name: str,
+    smop_rows: Callable[[list[dict[str, Any]]], tuple[list[int], list[int]]],
+    multirc: bool,
+) -> dict[str, Part]:
     if protocol not in PROTOCOLS:
         raise ValueError(f"dataset.split_protocol={protocol} is not one of: {', '.join(PROTOCOLS)}")
     train = read("train")
