@@ -10,7 +10,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from smop.data.sources import DEFAULT_SPLITS, SOURCES, split_file
-from smop.data.splits import PROTOCOLS, check_k_shot
+from smop.data.splits import PROTOCOLS, check_k_shot, check_max_train_records
 from smop.validation import check_ranges
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -86,6 +86,7 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
     if protocol not in PROTOCOLS:
         raise ValueError(f"dataset.split_protocol={protocol} is not one of: {', '.join(PROTOCOLS)}")
     check_k_shot(data.get("k_shot"), data.name, data.get("target", "labels"), data.get("format", "flat"))
+    check_max_train_records(data.get("max_train_records"))
     prompt_length = cfg.method.get("prompt_length", 0)
     if data.max_length <= prompt_length + 1:
         raise ValueError(

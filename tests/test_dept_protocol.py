@@ -33,6 +33,20 @@ def classes(dm: TaskDataModule) -> Counter:
     return Counter(row["label_index"] for row in dm.splits["train"])
 
 
+# --- training caps ------------------------------------------------------------------------------------------------
+def test_max_train_records_keeps_the_same_rows_whatever_the_seed():
+    """Yelp-2's cap (DePT: 100,000 rows) drawn with seed 42: runs of a grid with other seeds train on the same rows."""
+    assert OmegaConf.load(CONFIGS / "dataset" / "yelp_polarity.yaml").max_train_records == 100_000
+    full = datamodule("yelp_polarity", split_protocol="smop")
+    capped = [datamodule("yelp_polarity", split_protocol="smop", max_train_records=10, seed=s) for s in (1, 2)]
+    assert [len(dm.splits["train"]) for dm in capped] == [10, 10] < [len(full.splits["train"])] * 2
+    assert capped[0].split_info["hash"]["train"] == capped[1].split_info["hash"]["train"]
+    assert capped[0].split_info["max_train_records"] == 10 and full.split_info["max_train_records"] == 100_000
+    assert capped[0].split_info["hash"]["test"] == full.split_info["hash"]["test"]
+    with pytest.raises(ValueError, match=r"dataset.max_train_records=0 must be null \(every row\) or an integer"):
+        datamodule("yelp_polarity", max_train_records=0)
+
+
 # --- k-shot ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("task", "count"), [("cola", 2), ("mnli", 3)])
 def test_k_shot_keeps_k_training_rows_per_class_and_leaves_validation_and_test_whole(task, count):

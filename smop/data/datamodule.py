@@ -15,7 +15,9 @@ from transformers import PreTrainedTokenizerBase
 from smop.data.sources import DEFAULT_SPLITS, SOURCES, SPLIT_ROLES, load_split_records
 from smop.data.splits import (
     PROTOCOLS,
+    capped_part,
     check_k_shot,
+    check_max_train_records,
     describe,
     divide,
     k_shot_part,
@@ -138,6 +140,7 @@ class TaskDataModule(L.LightningDataModule):
         target_field: str | None = None,
         no_answer_text: str | None = None,
         max_target_length: int | None = None,
+        max_train_records: int | None = None,
     ) -> None:
         """`causal`: the backbone is a decoder-only LM (see `encode` and `target_ids`); its whole sequence, prompt,
         source and target, fits `max_length`. `splits`: the hub's files by role (smop.data.sources.SPLIT_ROLES), e.g.
@@ -146,7 +149,8 @@ class TaskDataModule(L.LightningDataModule):
         `dept_max_length`: DePT's released run for this task, read by experiment=dept_glue / dept_superglue
         (trainer.max_steps, dataset.max_length), not here. `target_field`, `no_answer_text`, `max_target_length`: a
         free-text target (QA, summaries): where its golds are, what an unanswerable question's target is, and its
-        length in tokens (EOS included), which bounds the training target and the generation."""
+        length in tokens (EOS included), which bounds the training target and the generation. `max_train_records`: a cap
+        on the training rows (smop.data.splits.capped_part; Yelp-2: DePT's 100,000)."""
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
@@ -186,6 +190,8 @@ class TaskDataModule(L.LightningDataModule):
         self.split_protocol, self.dept_split = split_protocol, dept_split
         check_k_shot(k_shot, name, target, format)
         self.k_shot = k_shot
+        check_max_train_records(max_train_records)
+        self.max_train_records = max_train_records
         self.split_info: dict[str, Any] = {}
         self.tokenizer = tokenizer
         # a separate encoder's own tokenizer (IDPG/LoPA with method.encoder=<model>): batches then carry its ids too
@@ -240,6 +246,7 @@ class TaskDataModule(L.LightningDataModule):
         named = set(self.split_names)
         multirc = self.task.format == "multirc"
         parts = divide(protocol, self.dept_split, self._raw, named, self.task.name, self._smop_rows, multirc)
+        parts["train"] = capped_part(parts["train"], self.max_train_records)
         if self.k_shot is not None:  # after the protocol's split: validation and test stay whole
             label_of = partial(raw_label, self.task)  # WinoGrande's class is its `answer`
             parts["train"] = k_shot_part(parts["train"], self.k_shot, self.seed, self.task.name, label_of)
@@ -266,7 +273,7 @@ class TaskDataModule(L.LightningDataModule):
                 for row, ids in zip(self.splits[split], sequences, strict=True):
                     row[name] = ids
         examples = {split: len(rows) for split, rows in self.splits.items()}
-        self.split_info = describe(protocol, parts, examples, self.k_shot)
+        self.split_info = describe(protocol, parts, examples, self.k_shot, self.max_train_records)
 
     def extra_ids(self, examples: list[dict[str, Any]]) -> dict[str, list[list[int]]]:
         """The id sequences besides the backbone's that the method reads, per example, by field name (`*input_ids`):

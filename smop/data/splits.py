@@ -12,7 +12,8 @@ official  train, the official validation set, and a labelled official test file 
 A task with another validation file (MNLI's mismatched) that the protocol does not validate on is also tested on it:
 the `test_alt` split, reported next to `test` (MNLI: matched and mismatched accuracy).
 
-`dataset.k_shot=K` then keeps K training rows per class (DePT's k-shot runs): the training file shuffled with the
+`dataset.max_train_records=N` then keeps N training rows, drawn with DePT's seed 42 (DePT caps Yelp-2 at 100,000), and
+`dataset.k_shot=K` keeps K training rows per class (DePT's k-shot runs): the training file shuffled with the
 training seed, the first K rows of each class kept. Validation and test are untouched.
 
 Each run records its split (sizes, a hash of the member ids, k_shot) in results.json.
@@ -183,6 +184,21 @@ def _divide(
     }
 
 
+def check_max_train_records(limit: Any) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"dataset.max_train_records={limit} must be null (every row) or an integer >= 1")
+
+
+def capped_part(part: Part, limit: int | None) -> Part:
+    """At most `limit` records of `part`: a sample drawn with DePT's seed 42 whatever the training seed (so every
+    run of a grid trains on the same rows), kept in file order. None: every record."""
+    if limit is None or len(part.records) <= limit:
+        return part
+    order = torch.randperm(len(part.records), generator=torch.Generator().manual_seed(DEPT_SEED)).tolist()
+    kept = sorted(order[:limit])
+    return Part([part.records[i] for i in kept], [part.ids[i] for i in kept])
+
+
 def check_k_shot(k_shot: int | None, task_name: str, target: str, format: str) -> None:
     """K rows per class needs classes: refused for a number target (STS-B) and for MultiRC, whose rows are answers
     of shared questions (keeping K of them would cut questions apart)."""
@@ -224,13 +240,19 @@ def k_shot_part(
 
 
 def describe(
-    protocol: str, parts: dict[str, Part], examples: dict[str, int], k_shot: int | None = None
+    protocol: str,
+    parts: dict[str, Part],
+    examples: dict[str, int],
+    k_shot: int | None = None,
+    max_train_records: int | None = None,
 ) -> dict[str, Any]:
     """What results.json records of the split: the protocol, sizes (records and examples), a hash of each
-    split's member ids, so two runs can be checked to have used the same rows, and k_shot (null: every row)."""
+    split's member ids, so two runs can be checked to have used the same rows, k_shot and max_train_records (null:
+    every row)."""
     return {
         "protocol": protocol,
         "k_shot": k_shot,
+        "max_train_records": max_train_records,
         "records": {name: len(part.ids) for name, part in parts.items()},
         "examples": dict(examples),
         "hash": {name: hashlib.sha256("\n".join(part.ids).encode()).hexdigest()[:16] for name, part in parts.items()},
