@@ -165,6 +165,21 @@ class Rouge(ROUGEScore):
         return super().compute()[f"{self.key}_fmeasure"]
 
 
+class Pearson(PearsonCorrCoef):
+    """Pearson correlation, 0 where it is undefined (constant predictions, e.g. every output unparsable): DePT's
+    rule, so early in training `val/score` stays a number that checkpoint selection can compare."""
+
+    def compute(self) -> Tensor:
+        return torch.nan_to_num(super().compute(), nan=0.0)
+
+
+class Spearman(SpearmanCorrCoef):
+    """Spearman correlation, 0 where it is undefined (as Pearson)."""
+
+    def compute(self) -> Tensor:
+        return torch.nan_to_num(super().compute(), nan=0.0)
+
+
 class TaskMetrics(MetricCollection):
     """The official metrics of one task; `score` is their mean (SuperGLUE's per-task score)."""
 
@@ -177,8 +192,8 @@ class TaskMetrics(MetricCollection):
             "f1": lambda: BinaryF1Score(),
             "mcc": lambda: BinaryMatthewsCorrCoef(),
             "em": lambda: GroupExactMatch(),
-            "pearson": lambda: PearsonCorrCoef(),
-            "spearman": lambda: SpearmanCorrCoef(),
+            "pearson": lambda: Pearson(),
+            "spearman": lambda: Spearman(),
             "squad_em": lambda: MeanTextScore(exact_match),
             "squad_f1": lambda: MeanTextScore(token_f1),
             "rouge1": lambda: Rouge("rouge1"),

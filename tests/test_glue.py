@@ -8,9 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import CONFIGS
 from helpers import task_datamodule
-from omegaconf import OmegaConf
 from transformers import ByT5Tokenizer
 
 from smop.data import TaskDataModule
@@ -114,28 +112,6 @@ def test_a_binary_metric_on_three_classes_is_refused():
         Task("mnli", "{premise}", ["0", "1", "2"], metrics=["mcc"])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("task", GLUE)
-def test_every_glue_task_runs_end_to_end_on_its_sample(make_cfg, task):
-    results = run(
-        make_cfg(f"dataset={task}", "method=prompt_tuning", "method.prompt_length=4", "trainer.fast_dev_run=true")
-    )
-    assert results["status"] == "completed" and results["split"]["protocol"] == "smop"
-    alt = {"test_alt"} if task == "mnli" else set()  # mismatched, tested next to matched
-    assert (
-        results["split"]["examples"]["test"] == 24 and set(results["split"]["hash"]) == {"train", "val", "test"} | alt
-    )
-    expected = set(OmegaConf.load(CONFIGS / "dataset" / f"{task}.yaml").metrics) | {"score"}
-    assert set(results["metrics"]["test"]) == expected
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("task", ["cola", "mnli"])
-def test_glue_on_a_causal_backbone(make_cfg, task):
-    overrides = [f"dataset={task}", "model=llama-tiny", "method=prompt_tuning", "method.prompt_length=4"]
-    assert run(make_cfg(*overrides, "trainer.fast_dev_run=true"))["status"] == "completed"
-
-
 # --- STS-B: a number target --------------------------------------------------------------------------------------
 def test_stsb_targets_are_depts_rounded_scores(tmp_path):
     rows = [
@@ -174,19 +150,18 @@ def test_pearson_and_spearman_with_an_unparsable_output():
     p, g = preds.tolist(), gold.tolist()
     assert values["pearson"].item() == pytest.approx(pearson(p, g), abs=1e-5)
     assert values["spearman"].item() == pytest.approx(pearson(ranks(p), ranks(g)), abs=1e-5)
+    constant = TaskMetrics(["pearson", "spearman"], num_classes=0)  # every output unparsable: DePT scores 0, not NaN
+    constant.update(to_number(["x"] * 6), gold, torch.arange(6))
+    assert {name: value.item() for name, value in constant.compute().items()} == {
+        "pearson": 0.0,
+        "spearman": 0.0,
+        "score": 0.0,
+    }
 
 
 def test_a_label_metric_on_a_number_target_is_refused():
     with pytest.raises(ValueError, match=r"metric\(s\) \['accuracy'\] do not score a number target \(stsb\)"):
         Task("stsb", "{sentence1}", [], metrics=["accuracy"], target="number")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("model", ["t5-tiny", "llama-tiny"])
-def test_stsb_runs_end_to_end(make_cfg, model):
-    overrides = ["dataset=stsb", f"model={model}", "method=prompt_tuning", "method.prompt_length=4"]
-    results = run(make_cfg(*overrides, "trainer.fast_dev_run=true"))
-    assert results["status"] == "completed" and set(results["metrics"]["test"]) == {"pearson", "spearman", "score"}
 
 
 # --- split protocols ---------------------------------------------------------------------------------------------

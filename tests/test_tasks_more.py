@@ -171,18 +171,6 @@ def test_the_hub_config_is_passed_as_written(monkeypatch, config):
     assert calls == [("fancyzhx/yelp_polarity", config, "train")]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("task", TASKS)
-def test_every_task_runs_end_to_end_on_its_sample(make_cfg, task):
-    """Without the default callbacks (cost measurement, checkpoints): they do not depend on the task, and halve the
-    run time."""
-    overrides = ["method=prompt_tuning", "method.prompt_length=4", "trainer.fast_dev_run=true", "callbacks=none"]
-    results = run(make_cfg(f"dataset={task}", *overrides))
-    assert results["status"] == "completed" and results["split"]["protocol"] == "smop"
-    assert results["split"]["examples"]["test"] == 24
-    assert set(results["metrics"]["test"]) == {"accuracy", "score"}
-
-
 def test_k_shot_reads_the_tasks_own_label_field():
     """WinoGrande's class is its `answer`: k-shot keeps K rows of each answer."""
     dm = datamodule("winogrande", k_shot=3)

@@ -16,7 +16,6 @@ from smop.data import TaskDataModule
 from smop.data.sources import sample_dir
 from smop.data.tasks import Task
 from smop.metrics import MeanTextScore, TaskMetrics, exact_match, map_no_answer, token_f1
-from smop.run import run
 
 TEXT_TASKS = ["squad_v2", "newsqa", "searchqa", "hotpotqa", "nq", "xsum"]
 TOKENIZER = ByT5Tokenizer()
@@ -205,22 +204,6 @@ def test_bundled_sample_parses_in_the_hub_layout(task):
         assert sum(len(example) > 1 for example in golds) >= 20  # several gold answers
     if task == "squad_v2":
         assert all(sum(not row["golds"] for row in split) >= 2 for split in (rows["train"], rows["test"]))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("task", "metrics"),
-    [
-        ("squad_v2", {"squad_em", "squad_f1"}),
-        ("hotpotqa", {"squad_em", "squad_f1"}),
-        ("xsum", {"rouge1", "rouge2", "rougeL"}),
-    ],
-)
-def test_text_tasks_run_end_to_end_on_their_sample(make_cfg, task, metrics):
-    overrides = [f"dataset={task}", "method=prompt_tuning", "method.prompt_length=4", "dataset.max_length=96"]
-    results = run(make_cfg(*overrides, "dataset.max_target_length=8", "trainer.fast_dev_run=true"))
-    assert results["status"] == "completed" and set(results["metrics"]["test"]) == metrics | {"score"}
-    assert all(0.0 <= value <= 1.0 for value in results["metrics"]["test"].values())
 
 
 def test_predictions_of_a_text_task_write_the_answer_and_the_raw_output():
