@@ -207,9 +207,9 @@ class TaskDataModule(L.LightningDataModule):
         )
         if (max_target_length is None) != (target not in GENERATED):
             raise ValueError(
-                f"dataset.max_target_length={max_target_length} for {name} (target={target}): a text or code target "
-                "needs one (tokens, EOS included); label and number targets take the length of their longest target "
-                "text"
+                f"dataset.max_target_length={max_target_length} for {name} (target={target}): a text target needs "
+                "one, as a code target does (tokens, EOS included); label and number targets take the length of their "
+                "longest target text"
             )
         if target != "code" and (decoding or sandbox):
             raise ValueError(
