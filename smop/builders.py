@@ -12,6 +12,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from smop.backbones import CAUSAL, build_backbone, model_kind
+from smop.backbones.decoding import Decoding
 from smop.checks import method_routes
 from smop.data import TaskDataModule
 from smop.methods.base import PromptModule
@@ -79,6 +80,9 @@ def build_system(
         train_dropout=cfg.method.get("train_dropout", True),
         lora=lora,
         config=OmegaConf.to_container(cfg, resolve=True),
+        decoding=Decoding(**datamodule.decoding),  # a code task's sampling (dataset.decoding); greedy otherwise
+        sandbox=datamodule.sandbox,
+        seed=cfg.seed,
     )
 
 

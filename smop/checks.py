@@ -9,8 +9,8 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from smop.data.sources import DEFAULT_SPLITS, SOURCES, split_file
-from smop.data.splits import PROTOCOLS, check_k_shot, check_max_train_records
+from smop.data.sources import DEFAULT_SPLITS, SOURCES, file_aliases, split_file
+from smop.data.splits import PROTOCOLS, check_k_shot, check_max_train_records, check_protocol
 from smop.validation import check_ranges
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -74,17 +74,22 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
         if not folder.is_dir():
             raise FileNotFoundError(f"dataset.data_dir={data.data_dir} does not exist or is not a folder")
         named = {**DEFAULT_SPLITS, **{k: v for k, v in dict(data.get("splits") or {}).items() if v}}
-        for role in ("train", "validation", "validation_alt"):  # every protocol reads these (a test file when used)
-            if role not in named:
-                continue
+        # every protocol reads these (a test file when used); a one-file task (code) reads its one file
+        roles = ["all"] if "all" in named else [r for r in ("train", "validation", "validation_alt") if r in named]
+        for role in roles:
             try:
-                split_file(folder, named[role])
+                split_file(folder, named[role], file_aliases(data.get("split_files"), named[role]))
             except FileNotFoundError as err:
                 skip = f" (or leave it out: dataset.splits.{role}=null)" if role == "validation_alt" else ""
                 raise FileNotFoundError(f"dataset.data_dir={data.data_dir}: {err}{skip}") from err
     protocol = data.get("split_protocol", "smop")
     if protocol not in PROTOCOLS:
         raise ValueError(f"dataset.split_protocol={protocol} is not one of: {', '.join(PROTOCOLS)}")
+    if data.source != "synthetic":
+        named_roles = {k for k, v in dict(data.get("splits") or {}).items() if v} | set(DEFAULT_SPLITS)
+        check_protocol(protocol, named_roles, data.name, data.get("official_ranges"))
+    if data.get("decoding"):
+        check_decoding(data.decoding)
     check_k_shot(data.get("k_shot"), data.name, data.get("target", "labels"), data.get("format", "flat"))
     check_max_train_records(data.get("max_train_records"))
     prompt_length = cfg.method.get("prompt_length", 0)
@@ -105,6 +110,22 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
         check_init_from(cfg)
     if cfg.get("ckpt_path") and cfg.ckpt_path != "last":
         check_checkpoint(cfg.ckpt_path)
+
+
+def check_decoding(decoding: Any) -> None:
+    """dataset.decoding (a code task's sampling) as smop.backbones.decoding.Decoding takes it, named by its key."""
+    from omegaconf import OmegaConf
+
+    from smop.backbones.decoding import Decoding, DecodingError
+
+    options = OmegaConf.to_container(decoding, resolve=True) if isinstance(decoding, DictConfig) else dict(decoding)
+    unknown = sorted(set(options) - set(Decoding.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"dataset.decoding has {unknown}; its options: {', '.join(Decoding.__dataclass_fields__)}")
+    try:
+        Decoding(**options)
+    except DecodingError as err:
+        raise ValueError(f"dataset.{err}") from err
 
 
 def check_method_on_kind(cfg: DictConfig, kind: str) -> None:

@@ -260,12 +260,14 @@ def to_number(outputs: list[str]) -> Tensor:
 
 def read_outputs(task: Any, texts: list[str]) -> tuple[dict[str, list[Any]], int]:
     """What generated texts say for the task, by field, and how many say nothing: label word and index (-1 and
-    None: no label word), the number (UNPARSABLE: none), or the answer ("" for the no-answer text)."""
+    None: no label word), the number (UNPARSABLE: none), the answer ("" for the no-answer text), or the completion."""
     if task.target == "number":
         values = to_number(texts).tolist()
         return {"value": values}, sum(value == UNPARSABLE for value in values)
     if task.target == "text":
         return {"answer": map_no_answer(texts, task.no_answer_text)}, 0
+    if task.target == "code":  # the completion as written; running it is smop.execution's (or the scoring CLI's)
+        return {"completion": list(texts)}, 0
     indices = to_label_index(texts, task.label_words).tolist()
     labels = [task.label_words[index] if index >= 0 else None for index in indices]
     return {"label": labels, "label_index": indices}, sum(index < 0 for index in indices)

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 from smop.backbones import freeze, kind_of
 from smop.backbones.decoding import Decoding, truncate_at_stop
 from smop.data.tasks import Task
+from smop.execution import CodeScorer
 from smop.methods.base import NO_INPUTS, PromptModule, PromptOutput
 from smop.methods.lora import add_lora
 from smop.metrics import RoutingCounts, TaskMetrics, map_no_answer, to_label_index, to_number
@@ -62,7 +63,12 @@ class PromptTuningSystem(L.LightningModule):
         train_dropout: bool = True,
         lora: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
+        decoding: Decoding | None = None,
+        sandbox: dict[str, Any] | None = None,
+        seed: int = 0,
     ) -> None:
+        """`decoding`, `sandbox`: how a code task's evaluation samples its generations (from generators seeded by
+        `seed` and each batch's first example: reproducible) and runs them (smop.execution)."""
         super().__init__()
         self.save_hyperparameters(config or {})  # the plain resolved config: loads with weights_only=True
         self.backbone = backbone.requires_grad_(True) if train_backbone else freeze(backbone)
@@ -81,7 +87,12 @@ class PromptTuningSystem(L.LightningModule):
         self.train_backbone, self.train_dropout = train_backbone, train_dropout
         self.strict_loading = False  # checkpoints hold trainable weights only; on_load_checkpoint checks them
         num_classes = len(task.label_words)
-        self.task_metrics = nn.ModuleDict({_key(s): TaskMetrics(task.metrics, num_classes) for s in EVAL_SPLITS})
+        code = task.target == "code"  # scored by running its generations at the epoch's end, not by torchmetrics
+        self.task_metrics = nn.ModuleDict(
+            {} if code else {_key(s): TaskMetrics(task.metrics, num_classes) for s in EVAL_SPLITS}
+        )
+        self.code_scorer = CodeScorer(task, sandbox) if code else None
+        self.decoding, self.seed = decoding or Decoding(), seed
         routed = prompt is not None and prompt.routes
         self.routing = nn.ModuleDict({_key(s): RoutingCounts(prompt.num_prompts) for s in SPLITS}) if routed else None
         self.routing_counts: dict[str, list[int]] = {}
@@ -193,6 +204,13 @@ class PromptTuningSystem(L.LightningModule):
 
     def _eval_step(self, split: str, batch: dict[str, Tensor]) -> None:
         inputs = (batch["input_ids"], batch["attention_mask"], self.prompt_inputs(batch))
+        if self.code_scorer is not None:  # n samples per problem, run at the epoch's end
+            positions = batch["group"].tolist()
+            generator = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + positions[0])
+            texts, out = self.generate_texts(*inputs, decoding=self.decoding, generator=generator)
+            self.code_scorer.add(positions, batch["problems"], texts)
+            self._count_routes(split, out)
+            return
         if self.task.target == "number":  # the generated number against the gold value
             texts, out = self.generate_texts(*inputs)
             preds, gold = to_number(texts).to(batch["value"].device), batch["value"]
@@ -216,6 +234,10 @@ class PromptTuningSystem(L.LightningModule):
 
     # --- epoch ends: metrics and routing counts ----------------------------------------------------
     def _log_epoch(self, split: str) -> None:
+        if self.code_scorer is not None and split != "train":
+            folder = self._trainer.default_root_dir if self._trainer is not None else None
+            values = self.code_scorer.compute(self._trainer is None or self._trainer.is_global_zero, folder, split)
+            self.log_dict({f"{split}/{name}": value for name, value in values.items()}, prog_bar=split == "val")
         if _key(split) in self.task_metrics:
             metrics = self.task_metrics[_key(split)]
             values = metrics.compute()

@@ -10,8 +10,8 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -66,6 +66,23 @@ def best_checkpoint(callbacks: list[Callback]) -> tuple[str | None, int | None, 
             saved = torch.load(callback.best_model_path, map_location="cpu", weights_only=True)
             return callback.best_model_path, saved["epoch"], saved["global_step"]
     return None, None, None
+
+
+def final_checkpoint_only(callbacks: DictConfig | None) -> DictConfig | None:
+    """The callbacks config of a run without a validation set (split_protocol=lopa, as the LoPA reference: the final
+    checkpoint is tested): no early stopping, and the checkpoint kept is the newest, written at each epoch's end."""
+    if callbacks is None:
+        return None
+    kept = {}
+    for name, entry in callbacks.items():
+        target = get_class(entry._target_) if entry is not None and "_target_" in entry else None
+        if target is not None and issubclass(target, EarlyStopping):
+            continue
+        entry = OmegaConf.to_container(entry, resolve=True) if entry is not None else None  # paths resolved here
+        if target is not None and issubclass(target, ModelCheckpoint):
+            entry.update(monitor=None, save_on_train_epoch_end=True)
+        kept[name] = entry
+    return OmegaConf.create(kept)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -133,9 +150,12 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             datamodule = build_datamodule(cfg, tokenizer, kind=kind)
             results["split"] = datamodule.split_info  # protocol, sizes and member hashes of train / val / test
             system = build_system(cfg, datamodule, tokenizer)
-            callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
+            validates = datamodule.validates  # split_protocol=lopa: no validation set, the final checkpoint is tested
+            callback_cfg = cfg.get("callbacks") if validates else final_checkpoint_only(cfg.get("callbacks"))
+            callbacks, loggers = instantiate_group(callback_cfg), instantiate_group(cfg.get("logger"))
             callbacks += wandb_callbacks(loggers)  # routing histograms, when a WandbLogger is configured
-            trainer = instantiate(cfg.trainer, callbacks=[*callbacks, stop], logger=loggers or False)
+            no_validation = {} if validates else {"limit_val_batches": 0}
+            trainer = instantiate(cfg.trainer, callbacks=[*callbacks, stop], logger=loggers or False, **no_validation)
             results["params"] = count_parameters(system)
             log.info("parameters: {trainable:,} trainable / {total:,} total".format(**results["params"]))
             checkpoint = str(start.checkpoint) if start.checkpoint is not None else None
@@ -146,8 +166,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
                     callbacks
                 )
             stage = "evaluation"
-            validated = trainer.validate(system, datamodule=datamodule, ckpt_path=checkpoint)
-            results["metrics"]["val"] = strip_prefix(validated[0], "val")
+            if validates:
+                validated = trainer.validate(system, datamodule=datamodule, ckpt_path=checkpoint)
+                results["metrics"]["val"] = strip_prefix(validated[0], "val")
             if cfg.test:
                 tested = trainer.test(system, datamodule=datamodule, ckpt_path=checkpoint)
                 logged = {key: value for metrics in tested for key, value in metrics.items()}  # one dict per set

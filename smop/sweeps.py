@@ -48,6 +48,9 @@ DEPT_SUPERGLUE = ("multirc", "boolq", "wic", "wsc", "cb")
 DEPT_MRQA = ("newsqa", "searchqa", "hotpotqa", "nq")
 # FPT's tasks, each with its own experiment (fpt_<task>: target length, stacks), run with the reference's seed
 FPT_TASKS = ("mnli", "qqp", "squad_v2", "xsum")
+# the LoPA paper's phi-2 code table: each method on each task, with its experiment {method}_phi2_{task}
+LOPA_CODE_TASKS = ("mbpp", "cruxeval_o", "cruxeval_i")
+LOPA_CODE_METHODS = ("lopa", "idpg", "prompt_tuning", "lora")
 ROUTERS = ("top1_perturbed", "top1", "top2", "gumbel", "stochastic", "single")
 # Keys sweep.py sets itself: giving them would send jobs to folders where resume cannot find them.
 RESERVED = ("hydra.sweep.dir", "hydra.sweep.subdir", "hydra.searchpath", "hydra.mode", JOB_GROUP)
@@ -182,6 +185,14 @@ GRIDS: dict[str, Grid] = {
             datasets=FPT_TASKS,
             seeds=(2022,),
             per_dataset=tuple((task, (f"experiment=fpt_{task}",)) for task in FPT_TASKS),
+        ),
+        Grid(
+            "lopa_code",
+            "The LoPA paper's phi-2 table: LoPA, IDPG, prompt tuning and LoRA on MBPP, CRUXEval-O and CRUXEval-I"
+            " (experiment={method}_phi2_{task}); pass@1 of sampled generations run against the tests.",
+            tuple((method, (f"experiment={method}_phi2",)) for method in LOPA_CODE_METHODS),
+            datasets=LOPA_CODE_TASKS,
+            seeds=(0,),
         ),
         Grid(
             "demo",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from typing import Any
 
@@ -12,12 +13,13 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from smop.data.sources import DEFAULT_SPLITS, SOURCES, SPLIT_ROLES, load_split_records
+from smop.data.sources import DEFAULT_SPLITS, SOURCES, SPLIT_ROLES, file_aliases, load_split_records
 from smop.data.splits import (
     PROTOCOLS,
     capped_part,
     check_k_shot,
     check_max_train_records,
+    check_protocol,
     describe,
     divide,
     k_shot_part,
@@ -25,7 +27,7 @@ from smop.data.splits import (
     units,
 )
 from smop.data.synthetic import synthetic_mixture
-from smop.data.tasks import Task, flatten, raw_label
+from smop.data.tasks import GENERATED, Task, flatten, raw_label
 
 
 def encode(
@@ -34,7 +36,8 @@ def encode(
     """Token ids of each formatted example, at most `budget` long (EOS included).
 
     A too-long example first loses tokens from its long field (`task.truncate_field`, e.g. the passage),
-    so that the closing fields and the EOS survive; only if that is not enough is the end cut.
+    so that the closing fields and the EOS survive; only if that is not enough is the end cut, or, with
+    `task.truncate_side == "left"` (code prompts, which end where the model writes), the start (a leading BOS kept).
     `causal`: the source of a decoder-only LM, which the target continues: without the EOS (a BOS the tokenizer
     adds stays).
     """
@@ -56,10 +59,27 @@ def encode(
             keep = max(0, len(field_ids) - (len(ids) - budget) - 1)
             example[task.truncate_field] = tokenizer.decode(field_ids[:keep], skip_special_tokens=True)
             ids = ids_of([task.template.format(**example)])[0]
-        if len(ids) > budget:
+        if len(ids) > budget and task.truncate_side == "left":
+            ids = keep_end(ids, budget, tokenizer.bos_token_id)
+        elif len(ids) > budget:
             ids = ids[:budget] if causal else ids[: budget - 1] + [tokenizer.eos_token_id]
         encoded[i] = ids
     return encoded
+
+
+def keep_end(ids: list[int], budget: int, bos_token_id: int | None) -> list[int]:
+    """The last `budget` ids (an EOS at the end stays), after the BOS when the sequence starts with one."""
+    if bos_token_id is not None and budget > 1 and ids and ids[0] == bos_token_id:
+        return [bos_token_id] + ids[len(ids) - budget + 1 :]
+    return ids[len(ids) - budget :]
+
+
+def numeric_id(value: Any) -> int:
+    """The last integer in a record id (MBPP's `MBPP/17` -> 17): what dataset.official_ranges compare."""
+    numbers = re.findall(r"\d+", str(value))
+    if not numbers:
+        raise ValueError(f"record id {value!r} holds no number for dataset.official_ranges")
+    return int(numbers[-1])
 
 
 def without_eos(ids: list[int], eos_token_id: int | None) -> list[int]:
@@ -141,6 +161,14 @@ class TaskDataModule(L.LightningDataModule):
         no_answer_text: str | None = None,
         max_target_length: int | None = None,
         max_train_records: int | None = None,
+        target_template: str | None = None,
+        truncate_side: str = "right",
+        split_files: dict[str, Any] | None = None,
+        sample_folder: str | None = None,
+        official_ranges: dict[str, list[int]] | None = None,
+        id_field: str | None = None,
+        decoding: dict[str, Any] | None = None,
+        sandbox: dict[str, Any] | None = None,
     ) -> None:
         """`causal`: the backbone is a decoder-only LM (see `encode` and `target_ids`); its whole sequence, prompt,
         source and target, fits `max_length`. `splits`: the hub's files by role (smop.data.sources.SPLIT_ROLES), e.g.
@@ -150,7 +178,13 @@ class TaskDataModule(L.LightningDataModule):
         (trainer.max_steps, dataset.max_length), not here. `target_field`, `no_answer_text`, `max_target_length`: a
         free-text target (QA, summaries): where its golds are, what an unanswerable question's target is, and its
         length in tokens (EOS included), which bounds the training target and the generation. `max_train_records`: a cap
-        on the training rows (smop.data.splits.capped_part; Yelp-2: DePT's 100,000)."""
+        on the training rows (smop.data.splits.capped_part; Yelp-2: DePT's 100,000). `target_template`: a
+        code target's text over the record (its generations are run, smop.execution); `truncate_side`: left keeps a
+        too-long source's end. `split_files`: the task's own file names of hub splits in a folder (MBPP's
+        mbpp_release_v1.jsonl); `sample_folder`: the bundled sample's folder when another task's (CRUXEval's two
+        tasks share one). `official_ranges`, `id_field`: the official split of a one-file task by id ranges.
+        `decoding` (smop.backbones.decoding.Decoding's options) and `sandbox` (smop.code.sandbox.Sandbox's): how a
+        code task's test generations are sampled and run."""
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
@@ -172,11 +206,27 @@ class TaskDataModule(L.LightningDataModule):
             label_field,
             target_field,
             no_answer_text,
+            target_template,
+            truncate_side,
         )
-        if (max_target_length is None) != (target != "text"):
+        if (max_target_length is None) != (target not in GENERATED):
             raise ValueError(
                 f"dataset.max_target_length={max_target_length} for {name} (target={target}): a text target needs "
-                "one (tokens, EOS included); label and number targets take the length of their longest target text"
+                "one, as a code target does (tokens, EOS included); label and number targets take the length of their "
+                "longest target text"
+            )
+        if target != "code" and (decoding or sandbox):
+            raise ValueError(
+                f"dataset.decoding and dataset.sandbox are a code target's (sampled, executed); {name} has "
+                f"target={target}, decoded greedily"
+            )
+        self.decoding, self.sandbox = dict(decoding or {}), dict(sandbox or {})
+        samples = self.decoding.get("num_return_sequences", 1)
+        too_many = [m for m in self.task.metrics if target == "code" and int(m.split("@")[1]) > samples]
+        if too_many:
+            raise ValueError(
+                f"metric(s) {too_many} of {name} need more samples than dataset.decoding.num_return_sequences="
+                f"{samples}: pass@k needs k <= n"
             )
         if max_target_length is not None and (isinstance(max_target_length, bool) or max_target_length < 1):
             raise ValueError(f"dataset.max_target_length={max_target_length} for {name}: give an integer >= 1")
@@ -187,7 +237,11 @@ class TaskDataModule(L.LightningDataModule):
             raise ValueError(f"dataset.splits has {unknown}; it names the hub file of: {', '.join(SPLIT_ROLES)}")
         if split_protocol not in PROTOCOLS:
             raise ValueError(f"dataset.split_protocol={split_protocol} is not one of: {', '.join(PROTOCOLS)}")
+        if source != "synthetic":
+            check_protocol(split_protocol, set(self.split_names), name, official_ranges)
         self.split_protocol, self.dept_split = split_protocol, dept_split
+        self.split_files, self.sample_folder = dict(split_files or {}), sample_folder
+        self.official_ranges, self.id_field = (dict(official_ranges) if official_ranges else None), id_field
         check_k_shot(k_shot, name, target, format)
         self.k_shot = k_shot
         check_max_train_records(max_train_records)
@@ -230,12 +284,23 @@ class TaskDataModule(L.LightningDataModule):
         if role not in self.split_names:
             raise ValueError(f"{self.task.name} names no {role} file (dataset.splits.{role})")
         split_name = self.split_names[role]
-        return load_split_records(self.task, self.source, self.data_dir, self.hub_name, self.hub_config, split_name)
+        aliases = file_aliases(self.split_files, split_name)
+        return load_split_records(
+            self.task,
+            self.source,
+            self.data_dir,
+            self.hub_name,
+            self.hub_config,
+            split_name,
+            aliases,
+            self.sample_folder,
+        )
 
     def _smop_rows(self, train: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
         """SMoP's 90/10 split of the training file: stratified per label (a number or text target: one stratum)."""
         multirc = self.task.format == "multirc"  # split by paragraph: no question spans two splits
-        strata = [0 if self.task.target in ("number", "text") or multirc else raw_label(self.task, r) for r in train]
+        one = self.task.target in ("number", *GENERATED) or multirc
+        strata = [0 if one else raw_label(self.task, r) for r in train]
         return smop_split(strata, units(train, multirc), self.val_fraction, self.split_seed)
 
     def setup(self, stage: str | None = None) -> None:
@@ -245,7 +310,18 @@ class TaskDataModule(L.LightningDataModule):
         protocol = "smop" if self.source == "synthetic" else self.split_protocol  # generated: its own test set
         named = set(self.split_names)
         multirc = self.task.format == "multirc"
-        parts = divide(protocol, self.dept_split, self._raw, named, self.task.name, self._smop_rows, multirc)
+        id_of = (lambda record: numeric_id(record[self.id_field])) if self.id_field else None
+        parts = divide(
+            protocol,
+            self.dept_split,
+            self._raw,
+            named,
+            self.task.name,
+            self._smop_rows,
+            multirc,
+            self.official_ranges,
+            id_of,
+        )
         parts["train"] = capped_part(parts["train"], self.max_train_records)
         if self.k_shot is not None:  # after the protocol's split: validation and test stay whole
             label_of = partial(raw_label, self.task)  # WinoGrande's class is its `answer`
@@ -253,6 +329,9 @@ class TaskDataModule(L.LightningDataModule):
         raw = {split: part.records for split, part in parts.items()}
         for split, records in raw.items():
             examples = list(flatten(self.task, records))
+            if not examples:  # split_protocol=lopa's validation set
+                self.splits[split] = []
+                continue
             inputs = encode(self.task, self.tokenizer, examples, self.budget, self.causal)
             texts = [self.task.target_text(ex) for ex in examples]
             distinct = list(dict.fromkeys(texts))  # label words: a few texts for every row, tokenized once each
@@ -265,8 +344,8 @@ class TaskDataModule(L.LightningDataModule):
                 {"input_ids": ids, "labels": target, "label_index": ex["label"], "group": ex["group"]}
                 for ids, target, ex in zip(inputs, targets, examples, strict=True)
             ]
-            if self.task.target in ("number", "text"):  # the gold value, or every gold text (scored by max)
-                key = "value" if self.task.target == "number" else "golds"
+            if self.task.target != "labels":  # the gold value, every gold text (scored by max), or the problem
+                key = {"number": "value", "text": "golds", "code": "problem"}[self.task.target]
                 for row, ex in zip(self.splits[split], examples, strict=True):
                     row[key] = ex[key]
             for name, sequences in self.extra_ids(examples).items():
@@ -274,6 +353,11 @@ class TaskDataModule(L.LightningDataModule):
                     row[name] = ids
         examples = {split: len(rows) for split, rows in self.splits.items()}
         self.split_info = describe(protocol, parts, examples, self.k_shot, self.max_train_records)
+
+    @property
+    def validates(self) -> bool:
+        """Whether there is a validation set (split_protocol=lopa has none: the final checkpoint is tested)."""
+        return bool(self.splits.get("val"))
 
     def extra_ids(self, examples: list[dict[str, Any]]) -> dict[str, list[list[int]]]:
         """The id sequences besides the backbone's that the method reads, per example, by field name (`*input_ids`):
@@ -332,6 +416,8 @@ class TaskDataModule(L.LightningDataModule):
             batch["value"] = torch.tensor([row["value"] for row in rows], dtype=torch.float)
         if "golds" in rows[0]:  # a text target's gold texts: a list of lists of strings (Lightning moves tensors only)
             batch["golds"] = [list(row["golds"]) for row in rows]
+        if "problem" in rows[0]:  # a code target's raw records, which its generations are run against
+            batch["problems"] = [row["problem"] for row in rows]
         batch.update(self.pad_extra(rows))
         return batch
 

@@ -13,26 +13,36 @@ from smop.data.tasks import Task, check_fields, flatten
 
 SOURCES = ("sample", "dir", "hub", "synthetic")
 SUFFIXES = (".jsonl", ".json", ".parquet")  # .json: JSON lines, as the hub's exports write them
-# Official distributions name some splits their own way: SuperGLUE's validation file is val.jsonl.
+# Official distributions name some splits their own way: SuperGLUE's validation file is val.jsonl. A task adds its
+# own (dataset.split_files): MBPP's one file of every problem is mbpp_release_v1.jsonl, CRUXEval's cruxeval.jsonl.
 ALIASES = {"validation": ("val",)}
 # the hub's files by role: the training split, the official validation split, another validation split (MNLI's
-# mismatched) and a labelled official test split; a task names those it has (dataset.splits)
-SPLIT_ROLES = ("train", "validation", "validation_alt", "test")
+# mismatched), a labelled official test split, and one file of every problem that the split protocol divides
+# (the code tasks'); a task names those it has (dataset.splits)
+SPLIT_ROLES = ("train", "validation", "validation_alt", "test", "all")
 DEFAULT_SPLITS = {"train": "train", "validation": "validation"}
 
 
-def split_candidates(split: str) -> list[str]:
-    return [f"{stem}{suffix}" for stem in (split, *ALIASES.get(split, ())) for suffix in SUFFIXES]
+def split_candidates(split: str, aliases: tuple[str, ...] = ()) -> list[str]:
+    stems = (split, *aliases, *ALIASES.get(split, ()))
+    return [f"{stem}{suffix}" for stem in dict.fromkeys(stems) for suffix in SUFFIXES]
 
 
-def split_file(folder: Path, split: str) -> Path:
-    """The file of hub split `split` in `folder` (`<split>.jsonl|.json|.parquet`, or an official alias)."""
-    for name in split_candidates(split):
+def split_file(folder: Path, split: str, aliases: tuple[str, ...] = ()) -> Path:
+    """The file of hub split `split` in `folder` (`<split>.jsonl|.json|.parquet`, the task's own name for it, or an
+    official alias)."""
+    for name in split_candidates(split, aliases):
         if (folder / name).is_file():
             return folder / name
     raise FileNotFoundError(
-        f"{folder} holds no file for the {split!r} split: expected one of {', '.join(split_candidates(split))}"
+        f"{folder} holds no file for the {split!r} split: expected one of {', '.join(split_candidates(split, aliases))}"
     )
+
+
+def file_aliases(split_files: dict[str, Any] | None, split: str) -> tuple[str, ...]:
+    """The task's own file stems for hub split `split` (dataset.split_files: a name or a list of names)."""
+    names = (split_files or {}).get(split) or ()
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 def check_record(task: Task, record: Any) -> None:
@@ -80,23 +90,32 @@ def read_records(path: Path, task: Task) -> list[dict[str, Any]]:
 
 
 def sample_dir(task_name: str) -> Path:
-    """The small samples bundled with the package (written for this project), in each task's hub layout."""
+    """The small samples bundled with the package (written for this project), in each task's hub layout (tasks that
+    read the same problems, CRUXEval's two, share one folder: dataset.sample_folder)."""
     return Path(str(resources.files("smop.data") / "samples" / task_name))
 
 
 def load_split_records(
-    task: Task, source: str, data_dir: str | None, hub_name: str, hub_config: str | None, split: str
+    task: Task,
+    source: str,
+    data_dir: str | None,
+    hub_name: str,
+    hub_config: str | None,
+    split: str,
+    aliases: tuple[str, ...] = (),
+    sample_folder: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Raw records of the hub split `split` (e.g. `train`, `validation`) from the task's source."""
+    """Raw records of the hub split `split` (e.g. `train`, `validation`) from the task's source; `aliases`: the
+    task's own file names for it in a folder (dataset.split_files)."""
     if source == "sample":
-        return read_records(split_file(sample_dir(task.name), split), task)
+        return read_records(split_file(sample_dir(sample_folder or task.name), split, aliases), task)
     if source == "dir":
         if not data_dir:
             raise ValueError("dataset.source=dir needs dataset.data_dir=/path/to/folder (one file per split)")
         folder = Path(data_dir).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"dataset.data_dir={data_dir} is not a folder (one file per split)")
-        return read_records(split_file(folder, split), task)
+        return read_records(split_file(folder, split, aliases), task)
     if source == "hub":
         try:
             return _load_hub(hub_name, hub_config, split)  # null: the dataset's only (unnamed) config
@@ -106,7 +125,7 @@ def load_split_records(
             raise ConnectionError(
                 f"Could not load {where} [{split}] from the Hugging Face hub: read the official files from a folder "
                 f"instead, dataset={task.name} dataset.source=dir dataset.data_dir=/path/to/folder (one file per "
-                f"split: {', '.join(split_candidates(split)[:2])}, ...), or run the bundled sample, "
+                f"split: {', '.join(split_candidates(split, aliases)[:2])}, ...), or run the bundled sample, "
                 f"dataset.source=sample ({type(err).__name__}: {cause})"
             ) from err
     raise ValueError(f"Unknown dataset.source '{source}'; allowed: sample, dir, hub")

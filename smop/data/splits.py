@@ -8,6 +8,12 @@ dept      DePT's rule, per task (`dataset.dept_split`): `small` sets validate an
           mismatched) and test on the official one. The permutation seed is 42 whatever the training seed, as in
           the reference (torch.randperm).
 official  train, the official validation set, and a labelled official test file (a task that has none is refused).
+          A task whose problems are in one file (`dataset.splits.all`, the code tasks) splits it by the id ranges of
+          its official split instead (`dataset.official_ranges`: MBPP's 601-974 train, 511-600 validation, 11-510
+          test); one without (CRUXEval: a test set only) is refused.
+lopa      the LoPA reference's rule for a file of every problem (`dataset.splits.all`): the first half in file order
+          trains, the second half tests (MBPP/1-487 and 488-974; CRUXEval rows 0-399 and 400-799); no validation
+          set, so the final checkpoint is tested, as in the reference.
 
 A task with another validation file (MNLI's mismatched) that the protocol does not validate on is also tested on it:
 the `test_alt` split, reported next to `test` (MNLI: matched and mismatched accuracy).
@@ -33,7 +39,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("smop", "dept", "official")
+PROTOCOLS = ("smop", "dept", "official", "lopa")
+ONE_FILE_PROTOCOLS = ("lopa", "official")  # what a task with one file of every problem can be split by
 DEPT_RULES = ("small", "large", "official")
 DEPT_SEED = 42
 DEPT_VALIDATION_ROWS = 1000
@@ -107,8 +114,15 @@ def divide(
     task_name: str,
     smop_rows: Callable[[list[dict[str, Any]]], tuple[list[int], list[int]]],
     multirc: bool,
+    official_ranges: dict[str, list[int]] | None = None,
+    id_of: Callable[[dict[str, Any]], int] | None = None,
 ) -> dict[str, Part]:
-    """train / val / test (and test_alt) Parts of a task under `protocol`; `read(role)` reads a hub file by its role."""
+    """train / val / test (and test_alt) Parts of a task under `protocol`; `read(role)` reads a hub file by its role.
+    A task with one file of every problem (role `all`) is split by `lopa` or by its `official_ranges` of
+    `id_of(record)`."""
+    check_protocol(protocol, named, task_name, official_ranges)
+    if "all" in named:
+        return divide_one_file(protocol, read("all"), official_ranges, id_of)
     parts = _divide(protocol, dept_split, read, named, task_name, smop_rows, multirc)
     used = {part.ids[0].split(":")[0] for part in parts.values() if part.ids}
     if "validation_alt" in named and "validation_alt" not in used:
@@ -125,8 +139,6 @@ def _divide(
     smop_rows: Callable[[list[dict[str, Any]]], tuple[list[int], list[int]]],
     multirc: bool,
 ) -> dict[str, Part]:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"dataset.split_protocol={protocol} is not one of: {', '.join(PROTOCOLS)}")
     train = read("train")
     if protocol == "smop":
         kept, held = smop_rows(train)
@@ -199,17 +211,75 @@ def capped_part(part: Part, limit: int | None) -> Part:
     return Part([part.records[i] for i in kept], [part.ids[i] for i in kept])
 
 
+def check_protocol(
+    protocol: str, named: set[str], task_name: str, official_ranges: dict[str, list[int]] | None = None
+) -> None:
+    """A protocol the task's files allow: lopa and official (by id ranges) for one file of every problem, the others
+    for files by split; refused naming the ones that fit."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"dataset.split_protocol={protocol} is not one of: {', '.join(PROTOCOLS)}")
+    one_file = "all" in named
+    if one_file and protocol not in ONE_FILE_PROTOCOLS:
+        raise ValueError(
+            f"dataset.split_protocol={protocol} for {task_name}, whose problems are in one file (dataset.splits.all): "
+            f"use one of {', '.join(ONE_FILE_PROTOCOLS)}"
+        )
+    if not one_file and protocol == "lopa":
+        raise ValueError(
+            f"dataset.split_protocol=lopa halves one file of every problem (dataset.splits.all); {task_name} has "
+            f"files by split: use one of {', '.join(p for p in PROTOCOLS if p != 'lopa')}"
+        )
+    if one_file and protocol == "official" and not official_ranges:
+        raise ValueError(
+            f"dataset.split_protocol=official: {task_name} has no official training split (only an official test "
+            "set; dataset.official_ranges is null): use split_protocol=lopa (the LoPA reference's halves)"
+        )
+
+
+def divide_one_file(
+    protocol: str,
+    records: list[dict[str, Any]],
+    official_ranges: dict[str, list[int]] | None,
+    id_of: Callable[[dict[str, Any]], int] | None,
+) -> dict[str, Part]:
+    """lopa: the first half (floor) of the file trains, the rest tests, no validation. official: each split holds
+    the records whose id is in its inclusive range [low, high] (a split without a range is empty)."""
+    if protocol == "lopa":
+        half = len(records) // 2
+        return {
+            "train": Part.of("all", records, list(range(half))),
+            "val": Part.of("all", records, []),
+            "test": Part.of("all", records, list(range(half, len(records)))),
+        }
+    ranges = dict(official_ranges or {})
+    bad = sorted(set(ranges) - {"train", "validation", "test"})
+    if bad or any(len(bounds) != 2 or bounds[0] > bounds[1] for bounds in ranges.values()):
+        raise ValueError(
+            f"dataset.official_ranges={ranges}: give train, validation and test as [low, high] ids, low <= high"
+        )
+    ids = [id_of(record) for record in records] if id_of is not None else list(range(len(records)))
+
+    def rows(split: str) -> list[int]:
+        low, high = ranges.get(split, (1, 0))
+        return [i for i, value in enumerate(ids) if low <= value <= high]
+
+    parts = {"train": rows("train"), "val": rows("validation"), "test": rows("test")}
+    if not parts["train"] or not parts["test"]:
+        raise ValueError(f"dataset.official_ranges={ranges} leave no training or no test record in this file")
+    return {name: Part.of("all", records, chosen) for name, chosen in parts.items()}
+
+
 def check_k_shot(k_shot: int | None, task_name: str, target: str, format: str) -> None:
-    """K rows per class needs classes: refused for a number target (STS-B) and for MultiRC, whose rows are answers
-    of shared questions (keeping K of them would cut questions apart)."""
+    """K rows per class needs classes: refused for a number target (STS-B), a code target (MBPP) and for MultiRC,
+    whose rows are answers of shared questions (keeping K of them would cut questions apart)."""
     if k_shot is None:
         return
     if isinstance(k_shot, bool) or not isinstance(k_shot, int) or k_shot < 1:
         raise ValueError(
             f"dataset.k_shot={k_shot} must be null (all training rows) or an integer >= 1 (rows per class)"
         )
-    if target == "number":
-        raise ValueError(f"dataset.k_shot={k_shot}: {task_name} has a number target, no classes to sample K rows of")
+    if target in ("number", "code"):
+        raise ValueError(f"dataset.k_shot={k_shot}: {task_name} has a {target} target, no classes to sample K rows of")
     if format == "multirc":
         raise ValueError(f"dataset.k_shot={k_shot}: {task_name} is MultiRC-format (answers grouped by question)")
 

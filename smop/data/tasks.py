@@ -1,5 +1,5 @@
-"""Tasks as text-to-text: reading records (SuperGLUE, GLUE, QA, summaries, ...) into flat examples with a label
-index, a number, or gold texts.
+"""Tasks as text-to-text: reading records (SuperGLUE, GLUE, QA, summaries, code, ...) into flat examples with a label
+index, a number, gold texts, or a program to complete (scored by running it: smop.execution).
 
 Each task's fields, template, label words, splits and metrics live in its dataset config; this module knows only
 what differs in the record formats: how labels and answers are written, and MultiRC's nested paragraphs
@@ -8,6 +8,7 @@ what differs in the record formats: how labels and answers are written, and Mult
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -15,11 +16,15 @@ from typing import Any
 
 # a record per example; MultiRC's paragraphs with nested questions and answers; WSC's text with its two spans marked
 FORMATS = ("flat", "multirc", "wsc")
-TARGETS = ("labels", "number", "text")  # a label word per class, a number written as text (STS-B), or free text
+# a label word per class, a number written as text (STS-B), free text, or code (MBPP, CRUXEval: run, not compared)
+TARGETS = ("labels", "number", "text", "code")
+GENERATED = ("text", "code")  # targets of free length: dataset.max_target_length bounds them
+TRUNCATE_SIDES = ("right", "left")  # left: a too-long source keeps its end (code prompts end where the model writes)
 NUMBER_METRICS = ("pearson", "spearman")
 TEXT_METRICS = ("squad_em", "squad_f1", "rouge1", "rouge2", "rougeL")  # generated texts against gold texts
 METRICS = ("accuracy", "f1_macro", "f1a", "f1", "mcc", "em", *NUMBER_METRICS, *TEXT_METRICS)
 BINARY_METRICS = ("f1a", "f1", "mcc")  # of class 1 against class 0
+CODE_METRIC = re.compile(r"pass@[1-9][0-9]*")  # pass@k of executed samples, k <= dataset.decoding.num_return_sequences
 
 
 @dataclass
@@ -41,12 +46,25 @@ class Task:
     # and what the model writes for a record without any (SQuAD 2.0's unanswerable questions)
     target_field: str | None = None
     no_answer_text: str | None = None
+    # a code target: what the model learns to write, a format string over the record (MBPP: the canonical solution;
+    # CRUXEval: the completed assertion); the record itself is the problem its generations are run against
+    target_template: str | None = None
+    truncate_side: str = "right"  # where a source too long even without its truncate_field loses tokens
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"dataset.format={self.format} for {self.name}; allowed: {', '.join(FORMATS)}")
         if self.target not in TARGETS:
             raise ValueError(f"dataset.target={self.target} for {self.name}; allowed: {', '.join(TARGETS)}")
+        if self.truncate_side not in TRUNCATE_SIDES:
+            raise ValueError(
+                f"dataset.truncate_side={self.truncate_side} for {self.name}; allowed: {', '.join(TRUNCATE_SIDES)}"
+            )
+        if self.target == "code":
+            self._check_code()
+            return
+        if self.target_template is not None:
+            raise ValueError(f"dataset.target_template is for a code target; {self.name} has target={self.target}")
         fits = {"number": NUMBER_METRICS, "text": TEXT_METRICS}.get(
             self.target, tuple(m for m in METRICS if m not in NUMBER_METRICS + TEXT_METRICS)
         )
@@ -82,9 +100,26 @@ class Task:
                 self.target_field if self.target == "text" else self.label_field,
             ]
 
+    def _check_code(self) -> None:
+        """A code task names its target template and pass@k metrics only; its fields are its templates' fields."""
+        if not self.target_template:
+            raise ValueError(f"{self.name} has a code target: set dataset.target_template (what the model writes)")
+        wrong = [name for name in self.metrics if not CODE_METRIC.fullmatch(str(name))]
+        if wrong or not self.metrics:
+            raise ValueError(
+                f"metric(s) {wrong or []} do not score a code target ({self.name}); allowed: pass@1, pass@k"
+            )
+        if self.format != "flat" or self.target_field or self.no_answer_text:
+            raise ValueError(f"{self.name} has a code target: its format is flat, without target_field/no_answer_text")
+        if not self.fields:
+            self.fields = list(dict.fromkeys(template_fields(self.template) + template_fields(self.target_template)))
+
     def target_text(self, example: dict[str, Any]) -> str:
         """What the model learns to generate: the label word, the number rounded to one decimal (DePT's
-        `str(round(y, 1))`), or the first gold text (the no-answer text when there is none)."""
+        `str(round(y, 1))`), the first gold text (the no-answer text when there is none), or the code target's
+        template over the record."""
+        if self.target == "code":
+            return self.target_template.format(**example)
         if self.target == "number":
             return str(round(example["value"], 1))
         if self.target == "text":
@@ -113,8 +148,8 @@ class Task:
     def target_texts(self) -> list[str]:
         """Every text the task can ask for: the label words, or each number of the range in steps of 0.1. A text
         target has no closed set: `dataset.max_target_length` bounds it."""
-        if self.target == "text":
-            raise ValueError(f"{self.name} has a free-text target: its length is dataset.max_target_length")
+        if self.target in GENERATED:
+            raise ValueError(f"{self.name} has a free-length target: its length is dataset.max_target_length")
         if self.target == "number":
             low, high = self.number_range
             return [str(round(low + step / 10, 1)) for step in range(round((high - low) * 10) + 1)]
@@ -167,7 +202,9 @@ def flatten(task: Task, records: Iterable[dict[str, Any]]) -> Iterator[dict[str,
     MultiRC rows are already flat.
     """
     for position, record in enumerate(records):
-        if task.target == "number":
+        if task.target == "code":  # the record is the problem its generations are run against
+            yield {**record, "label": -1, "problem": dict(record), "group": position}
+        elif task.target == "number":
             yield {**record, "label": -1, "value": float(raw_label(task, record)), "group": position}
         elif task.target == "text":
             yield {**record, "label": -1, "golds": task.gold_texts(record), "group": position}
