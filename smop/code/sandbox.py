@@ -10,6 +10,7 @@ It limits damage from careless or broken code; it is not a security boundary aga
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -91,17 +92,13 @@ class _Worker:
         """The worker and whatever its current program started (by group: nothing re-parents to us)."""
         for group in (self.group, self.process.pid):
             if group is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.killpg(group, signal.SIGKILL)
-                except OSError:
-                    pass
         self.process.kill()
         self.process.wait()
         for stream in (self.process.stdin, self.process.stdout):
-            try:
+            with contextlib.suppress(OSError):
                 stream.close()
-            except OSError:
-                pass
 
     def close(self) -> None:
         try:
@@ -153,10 +150,8 @@ class Sandbox:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # at interpreter shutdown: the workers die with us (PDEATHSIG)
             self.close()
-        except Exception:  # interpreter shutdown: the workers die with us anyway (PDEATHSIG)
-            pass
 
     @property
     def isolation(self) -> dict[str, Any]:
@@ -204,7 +199,7 @@ class Sandbox:
                     worker = key.fileobj
                     messages = worker.messages()
                     if messages is None:
-                        busy -= self._replace(worker, selector, outcomes, "the sandbox worker died (killed by it?)")
+                        busy -= self._replace(worker, selector, outcomes, "the sandbox worker died while running it")
                         continue
                     for message in messages:
                         if "started" in message:

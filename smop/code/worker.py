@@ -13,31 +13,31 @@ Protocol, one JSON object per line. In: {"program": str}. Out: {"hello": {...}} 
 
 from __future__ import annotations
 
-import ctypes
-import json
-import math
-import os
-import resource
-import select
-import shutil
-import signal
-import sys
-import tempfile
-import time
-
 # What a child usually imports: already in memory, a fork gets them for free (and as nobody, without a
 # file lookup). The random module reseeds itself in every forked child.
 import bisect  # noqa: F401
 import collections  # noqa: F401
+import contextlib
 import copy  # noqa: F401
+import ctypes
 import functools  # noqa: F401
 import heapq  # noqa: F401
 import itertools  # noqa: F401
+import json
+import math
 import operator  # noqa: F401
+import os
 import random  # noqa: F401
 import re  # noqa: F401
+import resource
+import select
+import shutil
+import signal
 import socket
 import string  # noqa: F401
+import sys
+import tempfile
+import time
 import traceback  # noqa: F401
 import typing  # noqa: F401
 
@@ -201,10 +201,8 @@ def shim(program: str, folder: str, nonce: str, pipes: dict[str, int], config: d
         keep = {0, 1, 2, pipes["result"], pipes["status"], *fds.values()}
         for name in os.listdir("/proc/self/fd"):
             if int(name) not in keep:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(int(name))
-                except OSError:
-                    pass
         if config["pid_namespace"]:
             unshare(CLONE_NEWPID)  # the program becomes PID 1: kill(-1) reaches only its own processes
         pid = os.fork()
@@ -238,10 +236,8 @@ def children(parent: int) -> list[int]:
 def processes_of(uid: int) -> int:
     count = 0
     for name in os.listdir("/proc"):
-        try:
+        with contextlib.suppress(OSError):
             count += name.isdigit() and os.stat(f"/proc/{name}").st_uid == uid
-        except OSError:
-            pass
     return count
 
 
@@ -249,20 +245,16 @@ def kill_everything(group: int) -> bool:
     """Kill the program's session and anything re-parented here; True once no child of ours is left."""
     deadline = time.monotonic() + 10.0
     while True:
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(group, signal.SIGKILL)
-        except OSError:
-            pass
         try:
             while os.waitpid(-1, os.WNOHANG)[0]:
                 pass
         except ChildProcessError:
             return True
         for pid in children(os.getpid()):
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
         if time.monotonic() > deadline:
             return False
         time.sleep(0.002)
