@@ -35,19 +35,28 @@ def mbpp_program(problem: dict[str, Any], completion: str) -> str:
     return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
 
 
-def _assert_sides(body: str) -> tuple[str, str] | None:
-    """Left and right of `assert LEFT == RIGHT` when the text parses as that one statement."""
+def _equality_sides(body: str) -> tuple[str, str] | None:
+    """Left and right of `assert A == B` (or of a bare `A == B`) when the text parses as that one statement."""
     try:
         tree = ast.parse(body)
     except (SyntaxError, ValueError):
         return None
-    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert | ast.Expr):
         return None
-    test = tree.body[0].test
+    statement = tree.body[0]
+    test = statement.test if isinstance(statement, ast.Assert) else statement.value
     if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
         return None
     left, right = ast.get_source_segment(body, test.left), ast.get_source_segment(body, test.comparators[0])
     return (left, right) if left is not None and right is not None else None
+
+
+def _parses(body: str) -> bool:
+    try:
+        ast.parse(body)
+    except (SyntaxError, ValueError):
+        return False
+    return True
 
 
 def cruxeval_answer(text: str, mode: str) -> str | None:
@@ -55,8 +64,8 @@ def cruxeval_answer(text: str, mode: str) -> str | None:
 
     Takes the text before `[/ANSWER]` (after `[ANSWER]` if present; without `[/ANSWER]`, the first non-empty
     line), then the side of `==` the mode asks for: split by Python's parser when the text is one
-    `assert A == B`, so an `==` inside a string literal does not cut it, else at the first `==`. A bare
-    answer (no `==`) is the answer itself."""
+    `assert A == B`, so an `==` inside a string literal does not cut it; text that does not parse is cut at
+    its first `==`, as the reference does. A bare answer (anything else, `'a == b'` included) is the answer."""
     if mode not in ("o", "i"):
         raise ValueError(f"cruxeval_answer: mode={mode!r}; expected 'o' (output prediction) or 'i' (input)")
     body, closed, _ = text.partition("[/ANSWER]")
@@ -64,8 +73,8 @@ def cruxeval_answer(text: str, mode: str) -> str | None:
     if not closed:
         body = next((line for line in body.splitlines() if line.strip()), "")
     body = body.strip()
-    sides = _assert_sides(body)
-    if sides is None and "==" in body:
+    sides = _equality_sides(body)
+    if sides is None and "==" in body and not _parses(body):
         left, _, right = body.partition("==")
         sides = (left.strip().removeprefix("assert").strip(), right.strip())
     if mode == "o":
@@ -85,7 +94,7 @@ def program_or_reason(task: str, problem: dict[str, Any], generation: str) -> tu
         return mbpp_program(problem, mbpp_completion(generation)), ""
     answer = cruxeval_answer(generation, task[-1])
     if answer is None:
-        needs = "an `f(...)` call" if task == "cruxeval_i" else "an answer"
+        needs = "f(...) call" if task == "cruxeval_i" else "answer"
         return None, f"unparsable generation: no {needs} found"
     if task == "cruxeval_o" and f"f({problem['input']})" in answer:
         return None, "rejected: the predicted output calls f on the input"
