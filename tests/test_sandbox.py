@@ -233,3 +233,33 @@ def test_run_wants_a_list_of_strings(sandbox):
     with pytest.raises(TypeError, match="program 1 is a int"):
         sandbox.run(["assert True", 3])
     assert sandbox.run([]) == []
+
+
+def test_without_root_privileges_sockets_are_blocked_and_a_killed_worker_is_replaced():
+    """The path of a non-root user, taken as root: no uid drop, no namespaces, Python's sockets refused."""
+    with Sandbox(timeout=5, workers=1) as box:
+        box.close()
+        box._config["privileged"] = False
+        isolation = box.isolation
+        assert isolation["network"] == "sockets blocked" and not isolation["drop_to_nobody"]
+        assert not isolation["pid_namespace"]
+        worker_pid = isolation["pid"]
+        programs = [
+            "import socket\nsocket.socket()\n",
+            "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n",
+            "import socket\na, b = socket.socketpair()\n",  # AF_UNIX still works (asyncio, multiprocessing)
+            "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nimport time\ntime.sleep(3)\n",
+            f"import os\nos.kill({worker_pid}, 9)\nimport time\ntime.sleep(3)\n",
+            "assert True\n",
+        ]
+        reason = "PermissionError: network access is disabled in the sandbox (line 2)"
+        assert box.run(programs) == [
+            Outcome(False, reason),
+            Outcome(False, reason),
+            Outcome(True, "passed"),
+            Outcome(False, "its parent process was killed (by the program?)"),
+            Outcome(False, "the sandbox worker died while running it"),
+            Outcome(True, "passed"),
+        ]
+        assert box.isolation["pid"] != worker_pid
+        assert_nothing_left(box)
