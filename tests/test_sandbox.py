@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from smop.code import Outcome, Sandbox, mbpp_program, program_for
@@ -37,15 +36,41 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def sandboxed_processes(base: str) -> list[psutil.Process]:
-    """Live processes that a program started: their HOME is a folder under the sandbox's base folder."""
+def processes() -> dict[int, tuple[int, str]]:
+    """Every live process: pid -> (parent pid, state), from /proc."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                fields = Path(f"/proc/{name}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            found[int(name)] = (int(fields[1]), fields[0].decode())
+    return found
+
+
+def sandboxed_processes(base: str) -> list[int]:
+    """Live processes that a program started: their working folder is (or was) under the sandbox's base.
+
+    Not their environment: /proc/PID/environ shows the worker's, from before the fork."""
     found = []
-    for process in psutil.process_iter():
+    for pid, (_, state) in processes().items():
         try:
-            if process.status() != psutil.STATUS_ZOMBIE and process.environ().get("HOME", "").startswith(base):
-                found.append(process)
-        except (psutil.Error, OSError):
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
             continue
+        if state != "Z" and cwd.startswith(base):
+            found.append(pid)
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    table, found, frontier = processes(), [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, (ppid, _) in table.items() if ppid == parent]
+        found += children
+        frontier += children
     return found
 
 
@@ -56,7 +81,7 @@ def assert_nothing_left(sandbox: Sandbox) -> None:
         time.sleep(0.1)
     assert sandboxed_processes(base) == []
     for worker in sandbox._pool:  # idle workers have no children
-        assert psutil.Process(worker.process.pid).children(recursive=True) == []
+        assert descendants(worker.process.pid) == []
     assert os.listdir(base) == []  # every program's folder was removed
 
 
@@ -174,7 +199,7 @@ def test_hostile_programs_are_contained_and_the_good_ones_still_score(sandbox, t
         assert "ProcessLookupError" in outcomes["kills its parent"].reason  # its own PID namespace
     assert all(outcomes[f"good {i}"] == Outcome(True, "passed") for i in range(10))
     assert all(outcomes[f"bad {i}"] == Outcome(False, "AssertionError (line 1)") for i in range(5))
-    assert psutil.pid_exists(worker_pid) or not ROOT_USER
+    assert worker_pid in processes() or not ROOT_USER
     assert_nothing_left(sandbox)
 
 
