@@ -103,6 +103,7 @@ def broken(problem: dict) -> str:
 
 
 @needs_fixtures
+@pytest.mark.slow  # 3,548 programs: 15 s on 2 idle cores, over a minute on busy ones
 def test_real_solutions_pass_and_broken_copies_fail_in_one_batch():
     mbpp, crux = rows(MBPP), rows(CRUXEVAL)
     assert (len(mbpp), len(crux)) == (974, 800)
