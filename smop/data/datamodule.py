@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from smop.data.sources import DEFAULT_SPLITS, SOURCES, SPLIT_ROLES, load_split_records
+from smop.data.sources import DEFAULT_SPLITS, SOURCES, SPLIT_ROLES, check_official, load_split_records
 from smop.data.splits import (
     PROTOCOLS,
     check_k_shot,
@@ -23,7 +23,7 @@ from smop.data.splits import (
     units,
 )
 from smop.data.synthetic import synthetic_mixture
-from smop.data.tasks import Task, flatten, raw_label
+from smop.data.tasks import Task, check_train_targets, choose_template, each_gold, flatten, raw_label
 
 
 def encode(
@@ -104,7 +104,7 @@ class TaskDataModule(L.LightningDataModule):
         self,
         tokenizer: PreTrainedTokenizerBase,
         name: str,
-        template: str,
+        template: str | None,
         label_words: list[str],
         label_names: list[Any] | None = None,
         metrics: list[str] | None = None,
@@ -138,6 +138,11 @@ class TaskDataModule(L.LightningDataModule):
         target_field: str | None = None,
         no_answer_text: str | None = None,
         max_target_length: int | None = None,
+        templates: dict[str, str] | None = None,
+        template_style: str | None = None,
+        train_targets: str = "first",
+        official_files: dict[str, str] | None = None,
+        official_format: str | None = None,
     ) -> None:
         """`causal`: the backbone is a decoder-only LM (see `encode` and `target_ids`); its whole sequence, prompt,
         source and target, fits `max_length`. `splits`: the hub's files by role (smop.data.sources.SPLIT_ROLES), e.g.
@@ -146,7 +151,12 @@ class TaskDataModule(L.LightningDataModule):
         `dept_max_length`: DePT's released run for this task, read by experiment=dept_glue / dept_superglue
         (trainer.max_steps, dataset.max_length), not here. `target_field`, `no_answer_text`, `max_target_length`: a
         free-text target (QA, summaries): where its golds are, what an unanswerable question's target is, and its
-        length in tokens (EOS included), which bounds the training target and the generation."""
+        length in tokens (EOS included), which bounds the training target and the generation. `templates`,
+        `template_style`: a task's alternative templates by style (DePT's, FPT's), `template` being the chosen one
+        (smop.data.tasks.choose_template). `train_targets`: `each` trains a text target on every unique gold (one
+        row each, ReCoRD), `first` on the first; evaluation rows are one per example either way. `official_files`,
+        `official_format`: a split's official JSON document in a `dir` folder and its reader (SQuAD's
+        train-v2.0.json; smop.data.official)."""
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
@@ -156,7 +166,7 @@ class TaskDataModule(L.LightningDataModule):
             )
         self.task = Task(
             name,
-            template,
+            choose_template(name, template, templates, template_style),
             list(label_words),
             list(label_names or []),
             list(metrics or ["accuracy"]),
@@ -177,6 +187,10 @@ class TaskDataModule(L.LightningDataModule):
         if max_target_length is not None and (isinstance(max_target_length, bool) or max_target_length < 1):
             raise ValueError(f"dataset.max_target_length={max_target_length} for {name}: give an integer >= 1")
         self.text_target_length = max_target_length
+        check_train_targets(train_targets, name, target)
+        self.train_targets = train_targets
+        check_official(official_files, official_format, name)
+        self.official_files, self.official_format = official_files, official_format
         self.split_names = {**DEFAULT_SPLITS, **{k: v for k, v in dict(splits or {}).items() if v}}
         unknown = sorted(set(self.split_names) - set(SPLIT_ROLES))
         if unknown:
@@ -224,7 +238,16 @@ class TaskDataModule(L.LightningDataModule):
         if role not in self.split_names:
             raise ValueError(f"{self.task.name} names no {role} file (dataset.splits.{role})")
         split_name = self.split_names[role]
-        return load_split_records(self.task, self.source, self.data_dir, self.hub_name, self.hub_config, split_name)
+        return load_split_records(
+            self.task,
+            self.source,
+            self.data_dir,
+            self.hub_name,
+            self.hub_config,
+            split_name,
+            self.official_files,
+            self.official_format,
+        )
 
     def _smop_rows(self, train: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
         """SMoP's 90/10 split of the training file: stratified per label (a number or text target: one stratum)."""
@@ -246,6 +269,8 @@ class TaskDataModule(L.LightningDataModule):
         raw = {split: part.records for split, part in parts.items()}
         for split, records in raw.items():
             examples = list(flatten(self.task, records))
+            if split == "train" and self.train_targets == "each":  # a row per gold; evaluation: one per example
+                examples = list(each_gold(examples))
             inputs = encode(self.task, self.tokenizer, examples, self.budget, self.causal)
             texts = [self.task.target_text(ex) for ex in examples]
             distinct = list(dict.fromkeys(texts))  # label words: a few texts for every row, tokenized once each
