@@ -47,7 +47,7 @@ DEPT_GLUE = ("mnli", "qqp", "qnli", "sst2", "stsb", "mrpc", "glue_rte", "cola")
 DEPT_SUPERGLUE = ("multirc", "boolq", "wic", "wsc", "cb")
 DEPT_MRQA = ("newsqa", "searchqa", "hotpotqa", "nq")
 # FPT's tasks, each with its own experiment (fpt_<task>: target length, stacks), run with the reference's seed
-FPT_TASKS = ("mnli", "qqp", "squad_v2", "xsum")
+FPT_TASKS = ("mnli", "qqp", "record", "squad_v2", "xsum")
 ROUTERS = ("top1_perturbed", "top1", "top2", "gumbel", "stochastic", "single")
 # Keys sweep.py sets itself: giving them would send jobs to folders where resume cannot find them.
 RESERVED = ("hydra.sweep.dir", "hydra.sweep.subdir", "hydra.searchpath", "hydra.mode", JOB_GROUP)
@@ -177,7 +177,7 @@ GRIDS: dict[str, Grid] = {
         ),
         Grid(
             "fpt",
-            "FPT on T5-large: MNLI, QQP, SQuAD 2.0, XSum, each with its experiment fpt_<task>, seed 2022.",
+            "FPT on T5-large: MNLI, QQP, ReCoRD, SQuAD 2.0, XSum, each with its experiment fpt_<task>, seed 2022.",
             (("fpt", ()),),
             datasets=FPT_TASKS,
             seeds=(2022,),
