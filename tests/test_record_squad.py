@@ -271,3 +271,15 @@ def test_the_fpt_grid_lists_the_record_job(tmp_path):
     job = [line.split() for line in out.stdout.splitlines() if line.startswith("fpt-record-")]
     assert job and job[0][0] == "fpt-record-s2022"
     assert job[0][2:] == ["python", "train.py", "experiment=fpt_record", "dataset=record", "seed=2022"]
+
+
+def test_record_inputs_to_label_are_read_as_in_training():
+    from smop.predict import unlabeled_examples
+
+    dm = datamodule("record")
+    unlabelled = {**NESTED, "qas": [{"idx": 3, "query": "@placeholder won the race"}]}  # the test file: no answers
+    pairs = unlabeled_examples(dm.task, unlabelled, 0)
+    assert [idx for idx, _ in pairs] == [{"passage": 7, "query": 3}]
+    assert dm.task.template.format(**pairs[0][1]) == DEPT_INPUT
+    hub = hub_rows(NESTED)[0]
+    assert dm.task.template.format(**unlabeled_examples(dm.task, hub, 0)[0][1]) == DEPT_INPUT

@@ -104,7 +104,7 @@ def hub_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     _need(record, "passage", str, "the record")
     _need(record, "query", str, "the record")
     entities = _need(record, "entities", list, "the record")
-    answers = _need(record, "answers", list, "the record")
+    answers = _need(record, "answers", list, "the record") if "answers" in record else []  # inputs to label
     for key, values in (("entities", entities), ("answers", answers)):
         if not all(isinstance(value, str) for value in values):
             raise ValueError(f"{key}={values!r}: give a list of strings")
@@ -114,12 +114,12 @@ def hub_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 def check_answers(row: dict[str, Any]) -> None:
     """Every answer is one of the passage's entities (ReCoRD's answers are entity mentions; FPT asserts it too)."""
-    outside = [answer for answer in row["answers"] if answer not in set(row["entities"])]
+    outside = [answer for answer in row.get("answers", []) if answer not in set(row["entities"])]
     if outside:
         raise ValueError(f"answer(s) {outside} are not among the passage's entities {row['entities']}")
 
 
-def template_fields(row: dict[str, Any]) -> dict[str, Any]:
+def template_inputs(row: dict[str, Any]) -> dict[str, Any]:
     """What the templates read of a hub row: the cleaned passage and the entities joined by ", " (as both
     references); `answers` stays the list of gold texts."""
     return {**row, "passage": clean_passage(row["passage"]), "entities": ", ".join(unique(row["entities"]))}

@@ -226,7 +226,7 @@ def flatten(task: Task, records: Iterable[dict[str, Any]]) -> Iterator[dict[str,
             rows = record_format.hub_rows(record)
             for number, row in enumerate(rows):
                 group = position if len(rows) == 1 else position * 100_000 + number
-                yield {**record_format.template_fields(row), "label": -1, "golds": task.gold_texts(row), "group": group}
+                yield {**record_format.template_inputs(row), "label": -1, "golds": task.gold_texts(row), "group": group}
         elif task.target == "number":
             yield {**record, "label": -1, "value": float(raw_label(task, record)), "group": position}
         elif task.target == "text":
