@@ -9,8 +9,9 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from smop.data.sources import DEFAULT_SPLITS, SOURCES, file_aliases, split_file
+from smop.data.sources import DEFAULT_SPLITS, SOURCES, check_official, file_aliases, split_file
 from smop.data.splits import PROTOCOLS, check_k_shot, check_max_train_records, check_protocol
+from smop.data.tasks import check_train_targets, choose_template
 from smop.validation import check_ranges
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -67,6 +68,12 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
     data = cfg.dataset
     if data.source not in SOURCES:
         raise ValueError(f"dataset.source={data.source} is not one of: {', '.join(SOURCES)}")
+    templates = data.get("templates")  # an unknown template_style leaves dataset.template null (oc.select)
+    templates = dict(templates) if templates is not None else None
+    choose_template(data.name, data.get("template"), templates, data.get("template_style"))
+    check_train_targets(data.get("train_targets", "first"), data.name, data.get("target", "labels"))
+    official_files = dict(data.official_files) if data.get("official_files") else None
+    check_official(official_files, data.get("official_format"), data.name)
     if data.source == "dir":
         if not data.get("data_dir"):
             raise ValueError("dataset.source=dir needs dataset.data_dir=/path/to/folder (one file per split)")
@@ -78,7 +85,8 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
         roles = ["all"] if "all" in named else [r for r in ("train", "validation", "validation_alt") if r in named]
         for role in roles:
             try:
-                split_file(folder, named[role], file_aliases(data.get("split_files"), named[role]))
+                aliases = file_aliases(data.get("split_files"), named[role])
+                split_file(folder, named[role], aliases, official_files)
             except FileNotFoundError as err:
                 skip = f" (or leave it out: dataset.splits.{role}=null)" if role == "validation_alt" else ""
                 raise FileNotFoundError(f"dataset.data_dir={data.data_dir}: {err}{skip}") from err

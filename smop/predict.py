@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from smop.backbones.decoding import Decoding
 from smop.data import Task
+from smop.data import record as record_format
 from smop.data.tasks import template_fields
 from smop.loading import CLI_DEFAULTS, USER_ERRORS, LoadedModel, hydra_cli, load
 from smop.metrics import read_outputs
@@ -40,10 +41,15 @@ def unlabeled_examples(task: Task, record: Any, position: int) -> list[tuple[Any
     """(idx, example) pairs of one official record, checked against the task's template.
 
     `idx` is the record's own (its position in the file when it has none); MultiRC's nested paragraphs give one
-    example per answer, with idx {paragraph, question, answer} as in the official submission format."""
+    example per answer, with idx {paragraph, question, answer} as in the official submission format; ReCoRD's
+    lines one per question (idx {passage, query} on the hub's rows)."""
     if not isinstance(record, dict):
         raise ValueError("a line must hold one JSON object")
-    if task.format == "multirc" and "passage" in record and "paragraph" not in record:
+    if task.format == "record":  # either layout: a question per example, its passage and entities as trained on
+        pairs = [
+            (row.get("idx", position), record_format.template_inputs(row)) for row in record_format.hub_rows(record)
+        ]
+    elif task.format == "multirc" and "passage" in record and "paragraph" not in record:
         passage = record["passage"]
         pairs = [
             (

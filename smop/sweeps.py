@@ -47,7 +47,7 @@ DEPT_GLUE = ("mnli", "qqp", "qnli", "sst2", "stsb", "mrpc", "glue_rte", "cola")
 DEPT_SUPERGLUE = ("multirc", "boolq", "wic", "wsc", "cb")
 DEPT_MRQA = ("newsqa", "searchqa", "hotpotqa", "nq")
 # FPT's tasks, each with its own experiment (fpt_<task>: target length, stacks), run with the reference's seed
-FPT_TASKS = ("mnli", "qqp", "squad_v2", "xsum")
+FPT_TASKS = ("mnli", "qqp", "record", "squad_v2", "xsum")
 # the LoPA paper's phi-2 code table: each method on each task, with its experiment {method}_phi2_{task}
 LOPA_CODE_TASKS = ("mbpp", "cruxeval_o", "cruxeval_i")
 LOPA_CODE_METHODS = ("lopa", "idpg", "prompt_tuning", "lora")
@@ -180,7 +180,7 @@ GRIDS: dict[str, Grid] = {
         ),
         Grid(
             "fpt",
-            "FPT on T5-large: MNLI, QQP, SQuAD 2.0, XSum, each with its experiment fpt_<task>, seed 2022.",
+            "FPT on T5-large: MNLI, QQP, ReCoRD, SQuAD 2.0, XSum, each with its experiment fpt_<task>, seed 2022.",
             (("fpt", ()),),
             datasets=FPT_TASKS,
             seeds=(2022,),

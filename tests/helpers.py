@@ -166,9 +166,15 @@ def build_with_data(cfg: DictConfig) -> tuple[PromptTuningSystem, TaskDataModule
 
 
 def task_datamodule(task: str, tokenizer: PreTrainedTokenizerBase | None = None, **overrides: Any) -> TaskDataModule:
-    """The DataModule of smop/configs/dataset/<task>.yaml (byte-level tokenizer, split seed 0), with overrides."""
+    """The DataModule of smop/configs/dataset/<task>.yaml (byte-level tokenizer, split seed 0), with overrides; its
+    interpolations resolved as in a composed config (a template style chooses the template)."""
 
-    options = OmegaConf.to_container(OmegaConf.load(CONFIGS / "dataset" / f"{task}.yaml"))
+    raw = OmegaConf.load(CONFIGS / "dataset" / f"{task}.yaml")
+    raw.split_seed = 0
+    for key in ("template_style", "templates"):  # read by the template's interpolation (record.yaml)
+        if key in overrides:
+            raw[key] = overrides.pop(key)
+    options = OmegaConf.to_container(OmegaConf.create({"dataset": raw}), resolve=True)["dataset"]
     options = {k: v for k, v in options.items() if k not in ("_target_", "epochs")}
-    options.update({"split_seed": 0, **overrides})
+    options.update(overrides)
     return TaskDataModule(tokenizer=tokenizer or ByT5Tokenizer(), **options)

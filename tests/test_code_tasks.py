@@ -5,7 +5,6 @@ scores its test generations into results.json."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -27,7 +26,6 @@ needs_fixtures = pytest.mark.skipif(
     not (MBPP_FILE.is_file() and CRUXEVAL_FILE.is_file()),
     reason=f"the real MBPP and CRUXEval files are not at {FIXTURES} (../shared/fixtures)",
 )
-HAS_SMOP_CODE = importlib.util.find_spec("smop.code") is not None
 TINY = ["model=llama-tiny", "dataset.source=sample", "method=prompt_tuning", "method.prompt_length=4"]
 TINY += ["optimizer=adamw", "method.lr=1e-3", "dataset.max_target_length=48", "callbacks.progress_bar=null"]
 
@@ -267,10 +265,15 @@ def test_a_run_scores_its_test_generations_and_tests_the_final_checkpoint(make_c
     assert json.loads((tmp_path / "results.json").read_text())["split"]["protocol"] == "lopa"
 
 
-@pytest.mark.skipif(not HAS_SMOP_CODE, reason="needs smop.code (sandbox branch)")
 @pytest.mark.parametrize("task", ["mbpp", "cruxeval_o"])
-def test_tiny_offline_code_run_trains_generates_and_scores(make_cfg, task):
-    overrides = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_test_batches=2"]
+def test_tiny_offline_code_run_trains_generates_and_scores(make_cfg, task, tmp_path):
+    """The real sandbox runs the tiny model's generations: an untrained model's code fails, each failure with its
+    reason, and pass@1 is the share of passing samples."""
+    overrides = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "+trainer.limit_test_batches=2"]
     results = run(make_cfg(f"dataset={task}", *TINY, *overrides))
     assert results["status"] == "completed"
-    assert 0.0 <= results["metrics"]["test"]["pass@1"] <= 1.0
+    written = lines(tmp_path / "generations_test.jsonl")
+    assert written and all(len(line["passed"]) == 1 for line in written)  # n=1 sample per problem
+    passed = [p for line in written for p in line["passed"]]
+    assert results["metrics"]["test"]["pass@1"] == pytest.approx(sum(passed) / len(passed))
+    assert all(line["reasons"] and all(isinstance(r, str) and r for r in line["reasons"]) for line in written)

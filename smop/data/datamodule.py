@@ -13,7 +13,14 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from smop.data.sources import DEFAULT_SPLITS, SOURCES, SPLIT_ROLES, file_aliases, load_split_records
+from smop.data.sources import (
+    DEFAULT_SPLITS,
+    SOURCES,
+    SPLIT_ROLES,
+    check_official,
+    file_aliases,
+    load_split_records,
+)
 from smop.data.splits import (
     PROTOCOLS,
     capped_part,
@@ -27,7 +34,7 @@ from smop.data.splits import (
     units,
 )
 from smop.data.synthetic import synthetic_mixture
-from smop.data.tasks import GENERATED, Task, flatten, raw_label
+from smop.data.tasks import GENERATED, Task, check_train_targets, choose_template, each_gold, flatten, raw_label
 
 
 def encode(
@@ -126,7 +133,7 @@ class TaskDataModule(L.LightningDataModule):
         self,
         tokenizer: PreTrainedTokenizerBase,
         name: str,
-        template: str,
+        template: str | None,
         label_words: list[str],
         label_names: list[Any] | None = None,
         metrics: list[str] | None = None,
@@ -169,6 +176,11 @@ class TaskDataModule(L.LightningDataModule):
         id_field: str | None = None,
         decoding: dict[str, Any] | None = None,
         sandbox: dict[str, Any] | None = None,
+        templates: dict[str, str] | None = None,
+        template_style: str | None = None,
+        train_targets: str = "first",
+        official_files: dict[str, str] | None = None,
+        official_format: str | None = None,
     ) -> None:
         """`causal`: the backbone is a decoder-only LM (see `encode` and `target_ids`); its whole sequence, prompt,
         source and target, fits `max_length`. `splits`: the hub's files by role (smop.data.sources.SPLIT_ROLES), e.g.
@@ -184,7 +196,12 @@ class TaskDataModule(L.LightningDataModule):
         mbpp_release_v1.jsonl); `sample_folder`: the bundled sample's folder when another task's (CRUXEval's two
         tasks share one). `official_ranges`, `id_field`: the official split of a one-file task by id ranges.
         `decoding` (smop.backbones.decoding.Decoding's options) and `sandbox` (smop.code.sandbox.Sandbox's): how a
-        code task's test generations are sampled and run."""
+        code task's test generations are sampled and run. `templates`,
+        `template_style`: a task's alternative templates by style (DePT's, FPT's), `template` being the chosen one
+        (smop.data.tasks.choose_template). `train_targets`: `each` trains a text target on every unique gold (one
+        row each, ReCoRD), `first` on the first; evaluation rows are one per example either way. `official_files`,
+        `official_format`: a split's official JSON document in a `dir` folder and its reader (SQuAD's
+        train-v2.0.json; smop.data.official)."""
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
@@ -194,7 +211,7 @@ class TaskDataModule(L.LightningDataModule):
             )
         self.task = Task(
             name,
-            template,
+            choose_template(name, template, templates, template_style),
             list(label_words),
             list(label_names or []),
             list(metrics or ["accuracy"]),
@@ -231,6 +248,10 @@ class TaskDataModule(L.LightningDataModule):
         if max_target_length is not None and (isinstance(max_target_length, bool) or max_target_length < 1):
             raise ValueError(f"dataset.max_target_length={max_target_length} for {name}: give an integer >= 1")
         self.text_target_length = max_target_length
+        check_train_targets(train_targets, name, target)
+        self.train_targets = train_targets
+        check_official(official_files, official_format, name)
+        self.official_files, self.official_format = official_files, official_format
         self.split_names = {**DEFAULT_SPLITS, **{k: v for k, v in dict(splits or {}).items() if v}}
         unknown = sorted(set(self.split_names) - set(SPLIT_ROLES))
         if unknown:
@@ -294,6 +315,8 @@ class TaskDataModule(L.LightningDataModule):
             split_name,
             aliases,
             self.sample_folder,
+            self.official_files,
+            self.official_format,
         )
 
     def _smop_rows(self, train: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
@@ -332,6 +355,8 @@ class TaskDataModule(L.LightningDataModule):
             if not examples:  # split_protocol=lopa's validation set
                 self.splits[split] = []
                 continue
+            if split == "train" and self.train_targets == "each":  # a row per gold; evaluation: one per example
+                examples = list(each_gold(examples))
             inputs = encode(self.task, self.tokenizer, examples, self.budget, self.causal)
             texts = [self.task.target_text(ex) for ex in examples]
             distinct = list(dict.fromkeys(texts))  # label words: a few texts for every row, tokenized once each

@@ -1,6 +1,11 @@
 """Where a task's raw records come from: the bundled samples, a folder of files named after the hub's splits, or the
 Hugging Face hub. A split is named as on the hub (`train`, `validation`, `validation_matched`, ...); the dataset
-config's `splits` says which one is trained on and which one is the test set."""
+config's `splits` says which one is trained on and which one is the test set.
+
+A folder may hold a task's official distribution instead, when it is one JSON document per split (SQuAD's
+train-v2.0.json): `dataset.official_files` names its file per hub split and `dataset.official_format` its reader
+(smop.data.official). A folder holding both a hub-layout file and the official one for a split is refused: which
+one was meant is not for us to guess."""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from smop.data.tasks import Task, check_fields, flatten
+from smop.data.official import check_official_format, read_document
+from smop.data.tasks import Task, check_fields, flatten, hub_layout
 
 SOURCES = ("sample", "dir", "hub", "synthetic")
 SUFFIXES = (".jsonl", ".json", ".parquet")  # .json: JSON lines, as the hub's exports write them
@@ -28,15 +34,34 @@ def split_candidates(split: str, aliases: tuple[str, ...] = ()) -> list[str]:
     return [f"{stem}{suffix}" for stem in dict.fromkeys(stems) for suffix in SUFFIXES]
 
 
-def split_file(folder: Path, split: str, aliases: tuple[str, ...] = ()) -> Path:
-    """The file of hub split `split` in `folder` (`<split>.jsonl|.json|.parquet`, the task's own name for it, or an
-    official alias)."""
-    for name in split_candidates(split, aliases):
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(
-        f"{folder} holds no file for the {split!r} split: expected one of {', '.join(split_candidates(split, aliases))}"
-    )
+def split_file(
+    folder: Path, split: str, aliases: tuple[str, ...] = (), official_files: dict[str, str] | None = None
+) -> Path:
+    """The file of hub split `split` in `folder` (`<split>.jsonl|.json|.parquet`, the task's own name for it, an
+    official alias, or the official document `official_files[split]`)."""
+    found = [folder / name for name in split_candidates(split, aliases) if (folder / name).is_file()][:1]
+    official = (official_files or {}).get(split)
+    if official and (folder / official).is_file():
+        if found:
+            raise ValueError(
+                f"{folder} holds both {found[0].name} (the hub's layout) and {official} (the official file) for the "
+                f"{split!r} split: keep one of them"
+            )
+        found = [folder / official]
+    if found:
+        return found[0]
+    expected = [*split_candidates(split, aliases), *([official] if official else [])]
+    raise FileNotFoundError(f"{folder} holds no file for the {split!r} split: expected one of {', '.join(expected)}")
+
+
+def check_official(official_files: dict[str, str] | None, official_format: str | None, name: str) -> None:
+    """Official documents need their reader, and a reader needs the files it reads."""
+    check_official_format(official_format)
+    if bool(official_files) != bool(official_format):
+        raise ValueError(
+            f"dataset.official_files={official_files} and dataset.official_format={official_format} for {name}: "
+            "give both (the official file per hub split, and its format) or neither"
+        )
 
 
 def file_aliases(split_files: dict[str, Any] | None, split: str) -> tuple[str, ...]:
@@ -50,7 +75,7 @@ def check_record(task: Task, record: Any) -> None:
     if not isinstance(record, dict):
         raise ValueError("a line must hold one JSON object")
     check_fields(task, record)
-    list(flatten(task, [record]))  # labels, and MultiRC's nested questions and answers
+    list(flatten(task, [record]))  # labels, MultiRC's nested questions and answers, ReCoRD's passages
 
 
 def _checked(task: Task, where: str, record: Any) -> dict[str, Any]:
@@ -63,12 +88,16 @@ def _checked(task: Task, where: str, record: Any) -> dict[str, Any]:
     return record
 
 
-def read_records(path: Path, task: Task) -> list[dict[str, Any]]:
-    """Parse and check every record of a JSON-lines or Parquet file; a bad one stops the run with its file and line
-    (or row)."""
+def read_records(path: Path, task: Task, official_format: str | None = None) -> list[dict[str, Any]]:
+    """Parse and check every record of a JSON-lines or Parquet file, or of an official JSON document; a bad one stops
+    the run with its file and line (or row, or JSON path). Records come back in the hub's layout (a ReCoRD line: one
+    row per question)."""
     if not path.is_file():
         raise FileNotFoundError(f"Missing data file {path}")
-    if path.suffix == ".parquet":
+    if official_format is not None:
+        rows = read_document(path, official_format)
+        records = [_checked(task, f"{path}: {where}", row) for where, row in rows]
+    elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         rows = pq.read_table(path).to_pylist()
@@ -86,7 +115,22 @@ def read_records(path: Path, task: Task) -> list[dict[str, Any]]:
                 records.append(_checked(task, f"{path}:{number}", record))
     if not records:
         raise ValueError(f"{path}: no records")
-    return records
+    return [row for record in records for row in hub_layout(task, record)]
+
+
+def read_split(
+    task: Task,
+    folder: Path,
+    split: str,
+    aliases: tuple[str, ...] = (),
+    official_files: dict[str, str] | None = None,
+    official_format: str | None = None,
+) -> list[dict[str, Any]]:
+    """The records of hub split `split` in `folder`, from its hub-layout file (or the task's own name for it,
+    `aliases`) or its official document."""
+    path = split_file(folder, split, aliases, official_files)
+    is_official = official_files is not None and path.name == official_files.get(split)
+    return read_records(path, task, official_format if is_official else None)
 
 
 def sample_dir(task_name: str) -> Path:
@@ -104,18 +148,20 @@ def load_split_records(
     split: str,
     aliases: tuple[str, ...] = (),
     sample_folder: str | None = None,
+    official_files: dict[str, str] | None = None,
+    official_format: str | None = None,
 ) -> list[dict[str, Any]]:
     """Raw records of the hub split `split` (e.g. `train`, `validation`) from the task's source; `aliases`: the
     task's own file names for it in a folder (dataset.split_files)."""
     if source == "sample":
-        return read_records(split_file(sample_dir(sample_folder or task.name), split, aliases), task)
+        return read_split(task, sample_dir(sample_folder or task.name), split, aliases)
     if source == "dir":
         if not data_dir:
             raise ValueError("dataset.source=dir needs dataset.data_dir=/path/to/folder (one file per split)")
         folder = Path(data_dir).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"dataset.data_dir={data_dir} is not a folder (one file per split)")
-        return read_records(split_file(folder, split, aliases), task)
+        return read_split(task, folder, split, aliases, official_files, official_format)
     if source == "hub":
         try:
             return _load_hub(hub_name, hub_config, split)  # null: the dataset's only (unnamed) config

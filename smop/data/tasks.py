@@ -2,8 +2,8 @@
 index, a number, gold texts, or a program to complete (scored by running it: smop.execution).
 
 Each task's fields, template, label words, splits and metrics live in its dataset config; this module knows only
-what differs in the record formats: how labels and answers are written, and MultiRC's nested paragraphs
-(`format: multirc`).
+what differs in the record formats: how labels and answers are written, MultiRC's nested paragraphs
+(`format: multirc`), WSC's spans (`format: wsc`) and ReCoRD's passages and entities (`format: record`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-# a record per example; MultiRC's paragraphs with nested questions and answers; WSC's text with its two spans marked
-FORMATS = ("flat", "multirc", "wsc")
+from smop.data import record as record_format
+
+# a record per example; MultiRC's paragraphs with nested questions and answers; WSC's text with its two spans marked;
+# ReCoRD's questions over a passage and its entities (the hub's rows, or the official nested lines)
+FORMATS = ("flat", "multirc", "wsc", "record")
 # a label word per class, a number written as text (STS-B), free text, or code (MBPP, CRUXEval: run, not compared)
 TARGETS = ("labels", "number", "text", "code")
 GENERATED = ("text", "code")  # targets of free length: dataset.max_target_length bounds them
@@ -25,6 +28,9 @@ TEXT_METRICS = ("squad_em", "squad_f1", "rouge1", "rouge2", "rougeL")  # generat
 METRICS = ("accuracy", "f1_macro", "f1a", "f1", "mcc", "em", *NUMBER_METRICS, *TEXT_METRICS)
 BINARY_METRICS = ("f1a", "f1", "mcc")  # of class 1 against class 0
 CODE_METRIC = re.compile(r"pass@[1-9][0-9]*")  # pass@k of executed samples, k <= dataset.decoding.num_return_sequences
+# a text target's training rows: one per example with its first gold, or one per unique gold (ReCoRD, as DePT and FPT
+# train); evaluation keeps one row per example, scored against all its golds
+TRAIN_TARGETS = ("first", "each")
 
 
 @dataclass
@@ -92,6 +98,8 @@ class Task:
             raise ValueError(
                 f"dataset.target_field/no_answer_text are for a text target; {self.name} has target={self.target}"
             )
+        if self.format == "record" and self.target != "text":
+            raise ValueError(f"dataset.format=record ({self.name}) answers with entity names: set target: text")
         if self.no_answer_text is not None and not self.no_answer_text.strip():
             raise ValueError(f"dataset.no_answer_text={self.no_answer_text!r} for {self.name}: give a non-empty text")
         if not self.fields:
@@ -175,6 +183,52 @@ def template_fields(template: str) -> list[str]:
     return list(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(template) if name))
 
 
+def choose_template(name: str, template: str | None, templates: dict[str, str] | None, style: str | None) -> str:
+    """The task's template: `dataset.template`, or, for a task with template styles (`dataset.templates`, a map of
+    style -> template, e.g. DePT's and FPT's strings), the one of `dataset.template_style`. The configs choose it by
+    interpolation (`template: ${oc.select:dataset.templates.${dataset.template_style},null}`), which leaves null for
+    an unknown style: refused here naming the styles. A `dataset.template` given outright wins over the style."""
+    if templates is None:
+        if style is not None:
+            raise ValueError(
+                f"dataset.template_style={style} for {name}, but {name} has no template styles (dataset.templates)"
+            )
+    elif style not in templates:
+        raise ValueError(
+            f"dataset.template_style={style} for {name} is not one of: {', '.join(templates)} (dataset.templates)"
+        )
+    elif template is None:
+        template = templates[style]
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError(f"dataset.template={template!r} for {name}: give a format string over the record's fields")
+    return template
+
+
+def check_train_targets(train_targets: str, name: str, target: str) -> None:
+    """`each` (a training row per gold text) needs golds: a text target."""
+    if train_targets not in TRAIN_TARGETS:
+        raise ValueError(f"dataset.train_targets={train_targets} for {name}; allowed: {', '.join(TRAIN_TARGETS)}")
+    if train_targets == "each" and target != "text":
+        raise ValueError(f"dataset.train_targets=each trains on every gold text; {name} has target={target}: use first")
+
+
+def each_gold(examples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """A training row per unique gold text (its golds reordered so that it is first, the target), one row with
+    the no-answer target for an example without golds."""
+    for example in examples:
+        golds = list(dict.fromkeys(example["golds"]))
+        if not golds:
+            yield example
+        for gold in golds:
+            yield {**example, "golds": [gold, *(other for other in golds if other != gold)]}
+
+
+def hub_layout(task: Task, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """An official record as the hub's rows: a ReCoRD line (a passage and its questions) becomes one row per
+    question, so that splits count questions whatever the layout; any other record stays one."""
+    return record_format.hub_rows(record) if task.format == "record" else [record]
+
+
 def check_fields(task: Task, record: dict[str, Any]) -> None:
     missing = [name for name in task.fields if record.get(name) is None]  # Parquet writes a missing value as null
     if missing:
@@ -195,7 +249,8 @@ def raw_label(task: Task, record: dict[str, Any]) -> Any:
 
 def flatten(task: Task, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Official records -> flat examples with `label` as an index (a number target: also `value`; a text target:
-    `golds`, its gold texts) and `group` (MultiRC's question id).
+    `golds`, its gold texts) and `group` (MultiRC's question id). ReCoRD: one example per question, its passage
+    cleaned and its entities joined (smop.data.record).
 
     The label is read from `task.label_field` and written to `label`. MultiRC holds paragraphs with nested questions
     and answers; each answer becomes one example, and its question's id becomes the group used for exact match. Hub
@@ -204,6 +259,11 @@ def flatten(task: Task, records: Iterable[dict[str, Any]]) -> Iterator[dict[str,
     for position, record in enumerate(records):
         if task.target == "code":  # the record is the problem its generations are run against
             yield {**record, "label": -1, "problem": dict(record), "group": position}
+        elif task.format == "record":  # either layout; a nested line gives one example per question
+            rows = record_format.hub_rows(record)
+            for number, row in enumerate(rows):
+                group = position if len(rows) == 1 else position * 100_000 + number
+                yield {**record_format.template_inputs(row), "label": -1, "golds": task.gold_texts(row), "group": group}
         elif task.target == "number":
             yield {**record, "label": -1, "value": float(raw_label(task, record)), "group": position}
         elif task.target == "text":
