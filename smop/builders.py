@@ -79,6 +79,7 @@ def build_system(
         train_dropout=cfg.method.get("train_dropout", True),
         lora=lora,
         config=OmegaConf.to_container(cfg, resolve=True),
+        eval_mode=OmegaConf.select(cfg, "eval.mode", default="generate"),
     )
 
 
