@@ -83,7 +83,7 @@ class PromptTuningSystem(L.LightningModule):
         self.lr_schedule = lr_schedule
         self.max_new_tokens = max_new_tokens
         self.eval_mode = eval_mode
-        self._candidates: Tensor | None = None  # the label words' ids, for eval_mode=score (built on first use)
+        self.candidates: Tensor | None = None  # the label words' ids, for eval_mode=score (built on first use)
         self.train_backbone, self.train_dropout = train_backbone, train_dropout
         self.strict_loading = False  # checkpoints hold trainable weights only; on_load_checkpoint checks them
         num_classes = len(task.label_words)
@@ -175,10 +175,10 @@ class PromptTuningSystem(L.LightningModule):
     def label_candidates(self) -> Tensor:
         """[C, t] the label words' ids as training targets them (seq2seq: EOS last; causal: the word and EOS, no BOS),
         -100-padded, on the model's device."""
-        if self._candidates is None:
+        if self.candidates is None:
             causal = self.kind.name == "causal"
-            self._candidates = candidate_ids(target_ids(self.tokenizer, list(self.task.label_words), causal))
-        return self._candidates.to(self.device)
+            self.candidates = candidate_ids(target_ids(self.tokenizer, list(self.task.label_words), causal))
+        return self.candidates.to(self.device)
 
     @torch.no_grad()
     def score_labels(
