@@ -47,10 +47,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from smop.backbones import CAUSAL, SEQ2SEQ, TINY, build_backbone, build_tokenizer, freeze, kind_of
 from smop.backbones.causal import IGNORE, left_aligned, take
+from smop.backbones.scoring import candidate_ids
 from smop.builders import build_datamodule, build_prompt
 from smop.checks import CONFIG_DIR, method_routes
-from smop.costs import eager_attention, inference_flops, sync
+from smop.costs import eager_attention, inference_flops, step_model_flops, sync
 from smop.data.tasks import Task
+from smop.hardware import device_peak, hardware, mfu
 from smop.methods import PromptModule
 from smop.methods.lora import has_lora, remove_lora
 from smop.module import PromptTuningSystem
@@ -568,6 +570,8 @@ class Bench:
                 root.method.lora.target_modules = list(targets)
         self.longest_prompt = max(int(r.method.get("prompt_length", 0)) for r in self.roots.values())
         self.memory_kind = "cuda_max_allocated" if self.device.type == "cuda" else "cpu_live_tensors"
+        self.peak = device_peak(self.device)
+        self.hardware = hardware(self.device, measure=bool(cfg.measure_peak))  # before any variant: a cold device
 
     def autocast(self) -> Any:
         if self.cfg.precision == "bf16":
@@ -605,6 +609,26 @@ class Bench:
             "step_cpu_s": cpu_times if cpu else None,
         }
 
+    def model_flops(self, runner: Runner, batches: list[Batch]) -> float | None:
+        """Mean model FLOPs (2 per multiply-add, analytic) of a training step over the timed `batches`: our systems
+        through `step_model_flops` (full fine-tuning 3x forward, LoRA its frozen backbone's 2x); peft's, the bare
+        loop's and Lightning's prompt as a plain prompt of `prompt_length` rows before a frozen backbone (2x)."""
+        figures = []
+        for batch in batches:
+            if runner.system is not None:
+                flops, _ = step_model_flops(runner.system, batch)
+            else:
+                rows, width = batch["input_ids"].shape
+                config = self.backbone.config
+                macs = kind_of(self.backbone).analytic_flops(
+                    config, runner.prompt_length + width, batch["labels"].shape[1]
+                )
+                flops = None if macs is None else 2 * 2 * macs * rows
+            if flops is None:
+                return None
+            figures.append(flops)
+        return statistics.mean(figures) if figures else None
+
     def measure(self, name: str, setting: Setting, task: Task, first: bool = True) -> dict[str, Any]:
         """Time, memory, FLOPs and trainable parameters of one variant on one setting's batches.
 
@@ -639,12 +663,24 @@ class Bench:
                 **self.summarise(times, cpu_times),
                 "peak_memory_bytes": memory,
                 "step_memory_bytes": step_memory,
+                "model_flops_per_step": self.model_flops(runner, setting.batches[cfg.warmup_steps :]),
             }
             if runner.system is not None and first:
                 result.update(count_flops(runner, setting.batches[: cfg.flops_batches], cfg.flops_rows))
             return result
         finally:
             runner.close()
+
+
+def throughput(flops_per_step: float | None, step_time: float, peak: Any, device: dict[str, Any]) -> dict[str, Any]:
+    """Model TFLOP/s of the median step, MFU against the device's table peak (null on a CPU, with the reason), and
+    the share of the measured matmul rate (the one limit a CPU has)."""
+    per_s = flops_per_step / step_time if flops_per_step is not None else None
+    utilisation, why = mfu(per_s, peak)
+    tflops = per_s / 1e12 if per_s is not None else None
+    measured = device.get("measured_matmul_tflops")
+    share = tflops / measured if tflops is not None and measured else None
+    return {"train_tflops_per_s": tflops, "train_mfu": utilisation, "mfu_note": why, "of_measured_matmul": share}
 
 
 # --- the data-pipeline comparison -------------------------------------------------------------------
@@ -709,6 +745,53 @@ def pipeline_comparison(bench: Bench, rows: TaskRows) -> dict[str, Any]:
     result["speedup_dynamic_over_max_length"] = (
         result["dynamic"]["examples_per_s"] / result["max_length"]["examples_per_s"]
     )
+    return result
+
+
+# --- evaluation: generation vs scoring -------------------------------------------------------------
+def eval_comparison(bench: Bench, rows: TaskRows) -> dict[str, Any]:
+    """Examples per second of evaluating the first `benchmark.eval.batches` real-length batches: greedy generation
+    (eval.mode=generate, `max_new_tokens` = the longest label word + EOS, as a run sets it) against one scoring pass
+    over every label word (eval.mode=score). The label words' ids are the rows' own targets (estimated ids where the
+    lengths are estimated), so both modes decode as many tokens as training targets. One untimed batch first."""
+    cfg = bench.cfg.eval
+    name = cfg.variant
+    if bench.specs[name].runner != "ours":
+        raise ValueError(f"benchmark.eval.variant={name}: needs one of our systems (runner ours)")
+    by_class = {row["label_index"]: row["labels"] for row in rows.rows}
+    words = rows.task.label_words
+    if set(by_class) != set(range(len(words))):
+        raise ValueError(f"benchmark.eval.task={rows.task.name}: its rows hold classes {sorted(by_class)} of {words}")
+    batches = [
+        to_device(b, bench.device) for b in real_batches(rows, bench.batch_size, cfg.batches + 1, bench.cfg.seed)
+    ]
+    runner = bench.build(name, rows.task)
+    result: dict[str, Any] = {"variant": name, "task": rows.task.name, "batches": cfg.batches}
+    try:
+        system = runner.system.eval()
+        system.candidates = candidate_ids([by_class[c] for c in range(len(words))])
+        system.max_new_tokens = max(len(ids) for ids in by_class.values())
+        modes = {"generate": system.predict_labels, "score": system.score_labels}
+        predictions = {}
+        for mode, classify in modes.items():
+            with bench.autocast():
+                classify(batches[0]["input_ids"], batches[0]["attention_mask"])  # warm-up
+                sync(bench.device)
+                start, preds = time.perf_counter(), []
+                for batch in batches[1:]:
+                    preds.append(classify(batch["input_ids"], batch["attention_mask"])[0])
+                sync(bench.device)
+            seconds = time.perf_counter() - start
+            examples = sum(b["input_ids"].shape[0] for b in batches[1:])
+            result[mode] = {"examples": examples, "seconds": seconds, "examples_per_s": examples / seconds}
+            predictions[mode] = torch.cat(preds)
+    finally:
+        runner.close()
+    wrote = predictions["generate"].ne(-1)
+    result["score_over_generate_speed"] = result["score"]["examples_per_s"] / result["generate"]["examples_per_s"]
+    result["generated_label_words"] = float(wrote.float().mean())
+    agree = predictions["score"][wrote].eq(predictions["generate"][wrote]).float().mean() if wrote.any() else None
+    result["agreement_where_generated"] = float(agree) if agree is not None else None
     return result
 
 
@@ -788,6 +871,8 @@ def _fmt(value: Any, kind: str) -> str:
         "rate": f"{value:,.1f}",
         "ratio": f"{value:.3f}",
         "pct": f"{value * 100:.3f}%",
+        "tflops": f"{value:,.4g}",
+        "mfu": f"{value * 100:.1f}%",
     }[kind]
 
 
@@ -818,6 +903,9 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
         "step MiB",
         "GFLOPs/ex fvcore",
         "GFLOPs/ex analytic",
+        "TFLOP/s",
+        "MFU",
+        "of matmul",
     ]
     for setting in report["settings"]:
         rows = [
@@ -833,6 +921,9 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
                 _fmt(v["step_memory_bytes"], "mib"),
                 _fmt(v.get("inference_flops_per_example"), "gflops"),
                 _fmt(v.get("analytic_flops_per_example"), "gflops"),
+                _fmt(v.get("train_tflops_per_s"), "tflops"),
+                _fmt(v.get("train_mfu"), "mfu"),
+                _fmt(v.get("of_measured_matmul"), "mfu"),
             ]
             for name, v in setting["variants"].items()
         ]
@@ -884,6 +975,22 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
                 rows,
             )
         )
+    evaluation = report.get("eval")
+    if evaluation:
+        rows = [
+            [mode, str(evaluation[mode]["examples"]), _fmt(evaluation[mode]["examples_per_s"], "rate")]
+            for mode in ("generate", "score")
+        ]
+        rows.append(["score / generate", "", _fmt(evaluation["score_over_generate_speed"], "ratio")])
+        out.append(
+            (
+                f"Evaluation: {evaluation['variant']} on {evaluation['task']}, eval.mode=generate vs score (random "
+                f"weights: generated label words {evaluation['generated_label_words'] * 100:.0f}%, score agrees on "
+                f"{_fmt(evaluation['agreement_where_generated'], 'ratio')} of them)",
+                ["eval.mode", "examples", "examples/s"],
+                rows,
+            )
+        )
     return out
 
 
@@ -905,6 +1012,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
+        hardware_line(report["hardware"]),
+        "",
         f"Step ms: median of {report['steps']} x {report['rounds']} timed steps (forward + backward + "
         f"optimizer step) after {report['warmup_steps']} warm-up steps; IQR: their interquartile range over "
         "the median (the noise); min ms: the fastest step; CPU ms (CPU runs): median process CPU time of a "
@@ -920,7 +1029,26 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def hardware_line(figures: dict[str, Any]) -> str:
+    """The device, its table peak and the measured matmul: what the TFLOP/s and MFU columns are read against."""
+    peak = figures["peak_tflops_bf16"]
+    measured = figures["measured_matmul_tflops"]
+    return (
+        f"Device: {figures['device']}; dense bf16 peak "
+        + (
+            f"{peak:,.1f} TFLOP/s ({figures['peak_source']})"
+            if peak is not None
+            else f"unknown ({figures['peak_source']})"
+        )
+        + "; measured matmul "
+        + (f"{measured:,.3g} TFLOP/s" if measured is not None else "not measured (benchmark.measure_peak=false)")
+        + ". TFLOP/s: analytic model FLOPs of a step (2 per multiply-add; 2x forward with a frozen backbone, 3x full "
+        "fine-tuning) / median step time; MFU: that / the peak; of matmul: that / the measured matmul"
+    )
+
+
 def print_tables(report: dict[str, Any], console: Console) -> None:
+    console.print(hardware_line(report["hardware"]))
     console.print(memory_header(report["memory_kind"]))
     for title, header, rows in tables(report):
         table = Table(title=title)
@@ -1008,9 +1136,11 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
         "memory_kind": bench.memory_kind,
         "command": command,
         "machine": machine(),
+        "hardware": bench.hardware,
         "versions": versions(),
         "settings": [],
         "pipeline": None,
+        "eval": None,
         "config": OmegaConf.to_container(cfg.benchmark, resolve=True),
     }
     rows_by_task: dict[str, TaskRows] = {}
@@ -1030,6 +1160,10 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
                         pooled[key] = max(values) if values else None
                     result = pooled
                 variants[name] = result
+        for result in variants.values():
+            result.update(
+                throughput(result.get("model_flops_per_step"), result["step_time_s_median"], bench.peak, bench.hardware)
+            )
         lengths = rows.lengths if setting.kind == "real" else "random ids"
         report["settings"].append(
             {
@@ -1056,6 +1190,21 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
         )
         console.log(f"data pipeline: {pipe.variant} on {pipe.task}")
         report["pipeline"] = pipeline_comparison(bench, rows)
+    evaluation = cfg.benchmark.eval
+    if evaluation.enabled:
+        if evaluation.variant not in bench.specs:
+            raise ValueError(f"benchmark.eval.variant={evaluation.variant} is not among the variants run")
+        rows = rows_by_task.get(evaluation.task) or task_rows(
+            cfg.benchmark,
+            evaluation.task,
+            bench.tokenizer,
+            bench.estimate,
+            cfg.benchmark.max_length - bench.longest_prompt,
+            bench.vocab_high,
+            bench.architecture,
+        )
+        console.log(f"evaluation: {evaluation.variant} on {evaluation.task}, generate vs score")
+        report["eval"] = eval_comparison(bench, rows)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))

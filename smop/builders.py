@@ -83,6 +83,7 @@ def build_system(
         decoding=Decoding(**datamodule.decoding),  # a code task's sampling (dataset.decoding); greedy otherwise
         sandbox=datamodule.sandbox,
         seed=cfg.seed,
+        eval_mode=OmegaConf.select(cfg, "eval.mode", default="generate"),
     )
 
 

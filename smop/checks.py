@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_class
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from smop.data.sources import DEFAULT_SPLITS, SOURCES, check_official, file_aliases, split_file
 from smop.data.splits import PROTOCOLS, check_k_shot, check_max_train_records, check_protocol
@@ -16,6 +16,20 @@ from smop.validation import check_ranges
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # model.dtype: the frozen weights' precision (null: the checkpoint's)
+
+
+EVAL_MODES = ("generate", "score")  # eval.mode: greedy generation + exact match (the papers), or label-word scoring
+
+
+def check_eval_mode(mode: str, target: str, dataset: str) -> None:
+    """eval.mode is one of EVAL_MODES, and score only where there is a closed set of label words to score."""
+    if mode not in EVAL_MODES:
+        raise ValueError(f"eval.mode={mode} is not one of: {', '.join(EVAL_MODES)}")
+    if mode == "score" and target != "labels":
+        raise ValueError(
+            f"eval.mode=score scores label words, but dataset {dataset} has target={target} (no closed set of label "
+            "words to score): use eval.mode=generate"
+        )
 
 
 def options(group: str) -> list[str]:
@@ -100,6 +114,7 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
         check_decoding(data.decoding)
     check_k_shot(data.get("k_shot"), data.name, data.get("target", "labels"), data.get("format", "flat"))
     check_max_train_records(data.get("max_train_records"))
+    check_eval_mode(OmegaConf.select(cfg, "eval.mode", default="generate"), data.get("target", "labels"), data.name)
     prompt_length = cfg.method.get("prompt_length", 0)
     if data.max_length <= prompt_length + 1:
         raise ValueError(

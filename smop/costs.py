@@ -5,6 +5,11 @@ training data (dynamic padding included), with eager attention so that the atten
 fvcore for the inference forward (seq2seq: encoder + decoder over the label length; causal: one pass over prompt,
 input and label) and torch's FlopCounterMode for a training step (forward + backward), both as multiply-adds
 (fvcore's convention).
+
+Against the hardware limit (smop.hardware): every training step's model FLOPs from the analytic formula of the
+backbone kind (`analytic_flops`, checked against fvcore) on the step's own padded shapes, 2 FLOPs per
+multiply-add, times the method's training multiplier (`training_multiplier`), give `train_tflops_per_s` and
+`train_mfu`; evaluation is timed as examples per second (`EvaluationCost`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
+
+from smop.hardware import Peak, device_peak, hardware, mfu
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -63,10 +70,54 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class TrainingCost(Callback):
-    """Training wall time without evaluation, median step time, examples per second, peak memory."""
+def training_multiplier(system: nn.Module) -> tuple[float, str]:
+    """Training FLOPs over forward FLOPs of the backbone, and the reason.
 
-    def __init__(self) -> None:
+    Backward through a frozen backbone computes activation gradients (about one forward) but no weight gradients
+    (another forward's worth), so a prompt method's step costs 2x its forward, full fine-tuning 3x. LoRA + X is
+    counted as its frozen backbone (2x): the adapters' own work (r=8 on q and v: under 1% of the step) is left out,
+    so its figure is a lower bound."""
+    if getattr(system, "train_backbone", False):
+        return 3.0, "3x forward: the backbone's weights train (forward + activation and weight gradients)"
+    if any("lora_" in name for name, p in system.backbone.named_parameters() if p.requires_grad):
+        return 2.0, "2x forward of the frozen backbone; LoRA adapters' own FLOPs not counted (a lower bound)"
+    return 2.0, "2x forward: frozen backbone, activation gradients only"
+
+
+def step_model_flops(system: nn.Module, batch: Mapping[str, Tensor]) -> tuple[float | None, str]:
+    """Model FLOPs (2 per multiply-add) of one training step on `batch`, from the analytic formulas, and how they
+    were counted (or why they could not be: a backbone or a prompt module without a formula).
+
+    Backbone: `kind.analytic_flops` over prompt + padded input and the padded target, times
+    `training_multiplier`; the prompt module's own forward (router, MLP) 3x (its weights train); two forward
+    passes when the method adds a consistency pass (stochastic routing)."""
+    rows, width = batch["input_ids"].shape
+    prompt = getattr(system, "prompt", None)
+    length = prompt.prompt_length if prompt is not None else 0
+    backbone = system.kind.analytic_flops(system.backbone.config, length + width, batch["labels"].shape[1])
+    if backbone is None:
+        return None, f"no analytic formula for model_type={system.backbone.config.model_type}"
+    module = prompt.analytic_flops(rows, width) if prompt is not None else 0.0
+    if module is None:
+        return None, f"no analytic formula for the {type(prompt).__name__} prompt module (a second encoder pass)"
+    multiplier, why = training_multiplier(system)
+    passes = 2 if prompt is not None and getattr(prompt, "consistency_weight", 0.0) > 0 else 1
+    per_example = 2 * passes * (multiplier * backbone + 3 * module)
+    note = why + (", two passes (consistency)" if passes == 2 else "")
+    return per_example * rows, note + "; 2 FLOPs per multiply-add, analytic, padded shapes"
+
+
+class TrainingCost(Callback):
+    """Training wall time without evaluation, median step time, examples per second, peak memory; model FLOPs per
+    second and MFU against the device's peak (`measure_peak`: also time a large matmul before training, a
+    fraction of a second on a GPU, tens of milliseconds on a CPU; off by default)."""
+
+    def __init__(self, measure_peak: bool = False) -> None:
+        self.measure_peak = measure_peak
+        self.hardware: dict[str, Any] | None = None
+        self.peak: Peak | None = None
+        self.model_flops: float | None = 0.0
+        self.flops_note = ""
         self.step_times: list[float] = []
         self.train_time = 0.0
         self.examples = 0
@@ -75,6 +126,9 @@ class TrainingCost(Callback):
         self.memory: tuple[int, str] | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.hardware is None:  # before the timed loop: the matmul is not training time
+            self.peak = device_peak(pl_module.device)
+            self.hardware = hardware(pl_module.device, measure=self.measure_peak)
         reset_peak_memory(pl_module.device)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -109,6 +163,9 @@ class TrainingCost(Callback):
         sync(pl_module.device)
         self.step_times.append(time.perf_counter() - self._step_start)
         self.examples += batch["input_ids"].shape[0]
+        if self.model_flops is not None:  # a formula: microseconds, after the step's time is taken
+            flops, self.flops_note = step_model_flops(pl_module, batch)
+            self.model_flops = None if flops is None else self.model_flops + flops
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pause(pl_module)
@@ -120,13 +177,89 @@ class TrainingCost(Callback):
         if not self.step_times:
             return {}
         memory, kind = self.memory or (None, None)
+        flops_per_s = self.model_flops / self.train_time if self.model_flops is not None and self.train_time else None
+        utilisation, why = mfu(flops_per_s, self.peak) if self.peak is not None else (None, "no device peak")
         return {
             "train_time_s": self.train_time,
             "step_time_s_median": statistics.median(self.step_times),
             "train_examples_per_s": self.examples / self.train_time if self.train_time else None,
             "peak_memory_bytes": memory,
             "memory_kind": kind,
+            "train_model_flops_per_example": self.model_flops / self.examples if self.model_flops is not None else None,
+            "train_tflops_per_s": flops_per_s / 1e12 if flops_per_s is not None else None,
+            "train_mfu": utilisation,
+            "train_mfu_note": why,
+            "model_flops_note": self.flops_note,
+            "hardware": self.hardware,
         }
+
+
+class EvaluationCost(Callback):
+    """Examples per second of the final validation and test passes (generation, or scoring with eval.mode=score):
+    wall time from the first batch to the last, the device synchronised, per split."""
+
+    def __init__(self) -> None:
+        self.figures: dict[str, dict[str, float]] = {}
+        self._start: float | None = None
+        self._examples = 0
+
+    def _begin(self, pl_module: L.LightningModule) -> None:
+        sync(pl_module.device)
+        self._start, self._examples = time.perf_counter(), 0
+
+    def _count(self, batch: Any) -> None:
+        self._examples += batch["input_ids"].shape[0]
+
+    def _end(self, split: str, pl_module: L.LightningModule) -> None:
+        if self._start is None or not self._examples:
+            return
+        sync(pl_module.device)
+        seconds = time.perf_counter() - self._start
+        self.figures[split] = {
+            "examples": self._examples,
+            "seconds": seconds,
+            "examples_per_s": self._examples / seconds,
+        }
+        self._start = None
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":  # the final validate(), not the evaluations inside fit
+            self._begin(pl_module)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._start is not None:
+            self._count(batch)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end("val", pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._begin(pl_module)
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._count(batch)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end("test", pl_module)
+
+    def cost(self) -> dict[str, Any]:
+        return {f"eval_{split}_{k}": v for split, figures in self.figures.items() for k, v in figures.items()}
 
 
 @contextmanager

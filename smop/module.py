@@ -17,6 +17,9 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 
 from smop.backbones import freeze, kind_of
 from smop.backbones.decoding import Decoding, truncate_at_stop
+from smop.backbones.scoring import candidate_ids
+from smop.checks import check_eval_mode
+from smop.data.datamodule import target_ids
 from smop.data.tasks import Task
 from smop.execution import CodeScorer
 from smop.methods.base import NO_INPUTS, PromptModule, PromptOutput
@@ -66,10 +69,12 @@ class PromptTuningSystem(L.LightningModule):
         decoding: Decoding | None = None,
         sandbox: dict[str, Any] | None = None,
         seed: int = 0,
+        eval_mode: str = "generate",
     ) -> None:
         """`decoding`, `sandbox`: how a code task's evaluation samples its generations (from generators seeded by
         `seed` and each batch's first example: reproducible) and runs them (smop.execution)."""
         super().__init__()
+        check_eval_mode(eval_mode, task.target, task.name)
         self.save_hyperparameters(config or {})  # the plain resolved config: loads with weights_only=True
         self.backbone = backbone.requires_grad_(True) if train_backbone else freeze(backbone)
         self.kind = kind_of(backbone)  # seq2seq or causal: the loss and generation of this backbone
@@ -84,6 +89,8 @@ class PromptTuningSystem(L.LightningModule):
             raise ValueError(f"Unknown lr_schedule '{lr_schedule}'; allowed: linear, constant")
         self.lr_schedule = lr_schedule
         self.max_new_tokens = max_new_tokens
+        self.eval_mode = eval_mode
+        self.candidates: Tensor | None = None  # the label words' ids, for eval_mode=score (built on first use)
         self.train_backbone, self.train_dropout = train_backbone, train_dropout
         self.strict_loading = False  # checkpoints hold trainable weights only; on_load_checkpoint checks them
         num_classes = len(task.label_words)
@@ -177,6 +184,24 @@ class PromptTuningSystem(L.LightningModule):
         texts, out = self.generate_texts(input_ids, attention_mask, inputs)
         return to_label_index(texts, self.task.label_words).to(input_ids.device), out
 
+    def label_candidates(self) -> Tensor:
+        """[C, t] the label words' ids as training targets them (seq2seq: EOS last; causal: the word and EOS, no BOS),
+        -100-padded, on the model's device."""
+        if self.candidates is None:
+            causal = self.kind.name == "causal"
+            self.candidates = candidate_ids(target_ids(self.tokenizer, list(self.task.label_words), causal))
+        return self.candidates.to(self.device)
+
+    @torch.no_grad()
+    def score_labels(
+        self, input_ids: Tensor, attention_mask: Tensor, inputs: Mapping[str, Tensor] = NO_INPUTS
+    ) -> tuple[Tensor, PromptOutput | None]:
+        """The class whose label word is most likely (sum of its tokens' log-probabilities, EOS included, teacher
+        forced): one pass over every label word instead of generation; always a class, never -1."""
+        embeds, mask, out = self.encoder_inputs(input_ids, attention_mask, inputs)
+        scores = self.kind.label_log_likelihoods(self.backbone, embeds, mask, self.label_candidates())
+        return scores.argmax(-1), out
+
     # --- steps -------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         inputs = self.prompt_inputs(batch)
@@ -218,7 +243,8 @@ class PromptTuningSystem(L.LightningModule):
             texts, out = self.generate_texts(*inputs)
             preds, gold = map_no_answer(texts, self.task.no_answer_text), batch["golds"]
         else:
-            (preds, out), gold = self.predict_labels(*inputs), batch["label_index"]
+            classify = self.score_labels if self.eval_mode == "score" else self.predict_labels
+            (preds, out), gold = classify(*inputs), batch["label_index"]
         self.task_metrics[_key(split)].update(preds, gold, batch["group"])
         self._count_routes(split, out)
 

@@ -61,7 +61,13 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
     params = results["params"]
     table.add_row("trainable / total params", f"{params['trainable']:,} / {params['total']:,}")
     for name, value in (results.get("cost") or {}).items():
-        table.add_row(name, f"{value:,.4g}" if isinstance(value, int | float) else str(value))
+        if isinstance(value, dict):  # cost.hardware: one row per field
+            for key, inner in value.items():
+                table.add_row(f"{name}.{key}", f"{inner:,.4g}" if isinstance(inner, int | float) else str(inner))
+        elif name.endswith("_note"):  # the reasons behind a figure: results.json keeps them in full
+            continue
+        else:
+            table.add_row(name, f"{value:,.4g}" if isinstance(value, int | float) else str(value))
     for split, counts in (results.get("routing", {}).get("counts") or {}).items():
         table.add_row(f"routing/{split}", str(counts))
     (console or Console()).print(table)

@@ -102,6 +102,7 @@ def describe(cfg: DictConfig, router: str | None) -> dict[str, Any]:
         "dataset": cfg.dataset.name,
         "model": cfg.model.name_or_path,
         "seed": cfg.seed,
+        "eval_mode": OmegaConf.select(cfg, "eval.mode", default="generate"),  # how val/test predictions were made
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 

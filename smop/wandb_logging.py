@@ -169,6 +169,17 @@ def wandb_callbacks(loggers: Iterable[Logger]) -> list[Callback]:
     return [WandbReport()] if wandb_loggers(loggers) else []
 
 
+def flat_cost(cost: dict[str, Any]) -> dict[str, Any]:
+    """results.json's cost with its nested sections (`hardware`) as `hardware_<key>` columns: one scalar a cell."""
+    out: dict[str, Any] = {}
+    for key, value in cost.items():
+        if isinstance(value, dict):
+            out.update({f"{key}_{inner}": v for inner, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
 def final_tables(results: dict[str, Any]) -> dict[str, Any]:
     """The run's cost (one row), metrics and routing counts (one row per value) as wandb Tables. Each row starts
     with what ran, so the workspace can stack the tables of a sweep's runs into one."""
@@ -176,7 +187,11 @@ def final_tables(results: dict[str, Any]) -> dict[str, Any]:
 
     ids = {key: results.get(key) for key in ("method", "router", "dataset", "model", "seed")}
     params = results.get("params") or {}
-    cost = {"status": results.get("status"), **{f"params_{k}": v for k, v in params.items()}, **results["cost"]}
+    cost = {
+        "status": results.get("status"),
+        **{f"params_{k}": v for k, v in params.items()},
+        **flat_cost(results["cost"]),
+    }
     metrics = results.get("metrics") or {}
     rows = [[split, name, value] for split in METRIC_SPLITS for name, value in (metrics.get(split) or {}).items()]
     routing = [
@@ -208,7 +223,7 @@ def final_summary(results: dict[str, Any]) -> dict[str, Any]:
     if results.get("error"):
         summary["error"] = results["error"]
     summary.update({f"params/{k}": v for k, v in (results.get("params") or {}).items()})
-    summary.update({f"cost/{k}": v for k, v in results["cost"].items()})
+    summary.update({f"cost/{k}": v for k, v in flat_cost(results["cost"]).items()})
     for split in METRIC_SPLITS:
         summary.update({f"final/{split}/{k}": v for k, v in (metrics.get(split) or {}).items()})
     return {key: value for key, value in summary.items() if value is not None}

@@ -141,6 +141,25 @@ def test_benchmark_runs_end_to_end_on_tiny_t5_and_reports_every_variant(tmp_path
         assert variants["idpg_10"]["analytic_flops_per_example"] is None  # no formula: "-", not a wrong figure
     assert report["settings"][0]["lengths"].startswith("real ids")
     assert report["pipeline"]["dynamic"]["examples"] == report["pipeline"]["max_length"]["examples"] == 8
+    # against the hardware limit: a CPU has no table peak (MFU null, with the reason) but a measured matmul
+    hardware = report["hardware"]
+    assert hardware["peak_tflops_bf16"] is None and hardware["measured_matmul_tflops"] > 0
+    for setting in report["settings"]:
+        for name, v in setting["variants"].items():
+            assert v["train_mfu"] is None, name
+            if name in ("idpg_10", "lopa_10"):  # a second encoder pass: no formula, no figure
+                assert v["train_tflops_per_s"] is None and "no model FLOP count" in v["mfu_note"], name
+            else:
+                assert v["train_tflops_per_s"] > 0 and v["of_measured_matmul"] > 0 and "CPU" in v["mfu_note"], name
+        v = setting["variants"]
+        # full fine-tuning: 3x forward; PT-100 (ours, peft, bare: the same shapes) 2x; PT-5 2x over 5 more tokens
+        assert v["pt_100"]["model_flops_per_step"] == v["bare_pt_100"]["model_flops_per_step"]
+        assert 1.2 < v["full"]["model_flops_per_step"] / v["pt_5"]["model_flops_per_step"] < 1.5
+    evaluation = report["eval"]
+    assert evaluation["generate"]["examples"] == evaluation["score"]["examples"] == 4 * 4
+    assert evaluation["generate"]["examples_per_s"] > 0 and evaluation["score_over_generate_speed"] > 0
+    assert "| score / generate |" in (tmp_path / "benchmark.md").read_text()
+    assert "Device: cpu" in (tmp_path / "benchmark.md").read_text()
 
 
 @pytest.mark.slow

@@ -208,7 +208,7 @@ def test_decoding_comes_from_the_dataset_config_and_greedy_is_one_override(make_
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["dataset.decoding.temperature=0"], r"dataset.decoding.temperature=0: must be a number > 0"),
+        (["dataset.decoding.temperature=0"], r"dataset.decoding.temperature=0 is out of range: must be a number > 0"),
         (["dataset.decoding.do_sample=false", "dataset.decoding.num_return_sequences=5"], "needs do_sample=true"),
         (["+dataset.decoding.beams=2"], r"dataset.decoding has \['beams'\]"),
         (["dataset.split_protocol=smop"], r"split_protocol=smop for mbpp.*use one of lopa, official"),

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from smop.backbones.decoding import Decoding, check_generation, next_token, reached_stop
+from smop.backbones.scoring import expand, sequence_log_likelihood
 
 IGNORE = -100
 
@@ -126,6 +127,16 @@ class CausalKind:
             )
             next_position = next_position + 1
         return torch.stack(tokens, dim=1)
+
+    @torch.no_grad()
+    def label_log_likelihoods(self, backbone: nn.Module, embeds: Tensor, mask: Tensor, candidates: Tensor) -> Tensor:
+        """[B, C] log p(label word c | [P ; source b]), EOS included: one teacher-forced pass over B x C rows, each
+        [padding ; P ; E[source] ; E[label word]] as in training (`candidates`: [C, t] ids, -100-padded)."""
+        rows, count = embeds.shape[0], candidates.shape[0]
+        labels = expand(rows, candidates)
+        repeated = embeds.repeat_interleave(count, dim=0), mask.repeat_interleave(count, dim=0)
+        logits = self._logits(backbone, *repeated, labels)
+        return sequence_log_likelihood(logits, labels).view(rows, count)
 
     def inference_logits(self, backbone: nn.Module, embeds: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
         """One inference forward for counting FLOPs: prompt, source and target in one pass, without the cache."""

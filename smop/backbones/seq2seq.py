@@ -7,8 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase, T5Config
+from transformers.modeling_outputs import BaseModelOutput
 
 from smop.backbones.decoding import Decoding, check_generation, global_rng_from
+from smop.backbones.scoring import expand, sequence_log_likelihood
 
 
 def generate_options(decoding: Decoding, tokenizer: PreTrainedTokenizerBase | None) -> dict[str, Any]:
@@ -62,6 +64,21 @@ class Seq2SeqKind:
                 max_new_tokens=max_new_tokens,
                 **generate_options(decoding, tokenizer),
             )
+
+    @torch.no_grad()
+    def label_log_likelihoods(self, backbone: nn.Module, embeds: Tensor, mask: Tensor, candidates: Tensor) -> Tensor:
+        """[B, C] log p(label word c | source b), EOS included: the encoder once per example, then one teacher-forced
+        decoder pass over B x C rows (`candidates`: [C, t] ids, -100-padded)."""
+        rows, count = embeds.shape[0], candidates.shape[0]
+        encoded = backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        labels = expand(rows, candidates)
+        logits = backbone(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoded.repeat_interleave(count, dim=0)),
+            attention_mask=mask.repeat_interleave(count, dim=0),
+            decoder_input_ids=backbone.prepare_decoder_input_ids_from_labels(labels=labels),
+            use_cache=False,
+        ).logits
+        return sequence_log_likelihood(logits, labels).view(rows, count)
 
     def inference_logits(self, backbone: nn.Module, embeds: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
         """One inference forward for counting FLOPs: the encoder, and the decoder over the label length."""

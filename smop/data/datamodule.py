@@ -110,18 +110,53 @@ def truncate_target(ids: list[int], length: int, eos_token_id: int | None) -> li
     return ids[: length - 1] + [eos_token_id]
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can skip the examples of one epoch that a checkpoint had already trained on."""
+MEGABATCH = 50  # group_by_length: batches per megabatch, the span within which rows are sorted by length
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+
+def length_grouped(lengths: list[int], batch_size: int, seed: int, epoch: int, megabatch: int = MEGABATCH) -> list[int]:
+    """One epoch's order with batches of similar lengths: the seeded permutation of (seed, epoch), cut into
+    megabatches of `megabatch` batches, each sorted by length (longest first) and cut into batches of `batch_size`;
+    the full batches shuffled by the same generator, a short last one kept last (so every batch before it stays
+    whole). A function of (seed, epoch) alone."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    span = batch_size * megabatch
+    batches: list[list[int]] = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: -lengths[i])  # stable: ties keep the shuffle
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    short = [batches.pop()] if batches and len(batches[-1]) < batch_size else []
+    shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return [i for batch in shuffled + short for i in batch]
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can skip the examples of one epoch that a checkpoint had already trained on, and, with
+    `lengths` (dataset.group_by_length), group rows of similar length into batches.
+
+    Grouped, the batches are built for the whole world (`batch_size` x ranks rows, `length_grouped`) and each rank takes
+    every N-th row as DistributedSampler does: step k on N ranks with batch b trains on exactly the rows of step k of
+    one process with batch N*b, as ungrouped. The order depends on (seed, epoch) only, so a resumed run skips into
+    the same list."""
+
+    def __init__(self, *args: Any, lengths: list[int] | None = None, batch_size: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.resume_epoch, self.skip = -1, 0
+        self.lengths, self.batch_size = lengths, batch_size
 
     def resume(self, epoch: int, skip: int) -> None:
         self.resume_epoch, self.skip = epoch, skip
 
+    def _indices(self) -> list[int]:
+        if self.lengths is None:
+            return list(super().__iter__())
+        world = length_grouped(self.lengths, self.batch_size * self.num_replicas, self.seed, self.epoch)
+        padding = self.total_size - len(world)  # as DistributedSampler pads: the list's start repeated at its end
+        world += (world * -(-padding // len(world)))[:padding] if padding > 0 else []
+        return world[self.rank : self.total_size : self.num_replicas]
+
     def __iter__(self):  # noqa: ANN204 - the parent's signature
-        indices = list(super().__iter__())  # runs at the first batch, after Lightning's set_epoch
+        indices = self._indices()  # runs at the first batch, after Lightning's set_epoch
         return iter(indices[self.skip :] if self.epoch == self.resume_epoch else indices)
 
 
@@ -181,6 +216,7 @@ class TaskDataModule(L.LightningDataModule):
         train_targets: str = "first",
         official_files: dict[str, str] | None = None,
         official_format: str | None = None,
+        group_by_length: bool = False,
     ) -> None:
         """`causal`: the backbone is a decoder-only LM (see `encode` and `target_ids`); its whole sequence, prompt,
         source and target, fits `max_length`. `splits`: the hub's files by role (smop.data.sources.SPLIT_ROLES), e.g.
@@ -201,7 +237,8 @@ class TaskDataModule(L.LightningDataModule):
         (smop.data.tasks.choose_template). `train_targets`: `each` trains a text target on every unique gold (one
         row each, ReCoRD), `first` on the first; evaluation rows are one per example either way. `official_files`,
         `official_format`: a split's official JSON document in a `dir` folder and its reader (SQuAD's
-        train-v2.0.json; smop.data.official)."""
+        train-v2.0.json; smop.data.official). `group_by_length`: training batches of rows of similar input length
+        (`ResumableSampler`), so that padding does not dominate."""
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
@@ -283,6 +320,9 @@ class TaskDataModule(L.LightningDataModule):
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.synthetic = dict(synthetic or {})
         self.seed = seed
+        if not isinstance(group_by_length, bool):
+            raise ValueError(f"dataset.group_by_length={group_by_length!r}: give true or false")
+        self.group_by_length = group_by_length
         self._resume: dict[str, int] | None = None
         self.splits: dict[str, list[dict[str, Any]]] = {}
 
@@ -465,9 +505,20 @@ class TaskDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by (seed, epoch) alone, not by the global RNG: a resumed run sees the same order as an
-        uninterrupted one, and N ranks with batch b see the batches of one process with batch N*b."""
+        uninterrupted one, and N ranks with batch b see the batches of one process with batch N*b (also with
+        group_by_length)."""
         world, rank = self._world()
-        sampler = ResumableSampler(self.splits["train"], num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        rows = self.splits["train"]
+        lengths = [len(row["input_ids"]) for row in rows] if self.group_by_length else None
+        sampler = ResumableSampler(
+            rows,
+            num_replicas=world,
+            rank=rank,
+            shuffle=True,
+            seed=self.seed,
+            lengths=lengths,
+            batch_size=self.batch_size,
+        )
         if self._resume is not None:
             sampler.resume(self._resume["epoch"], self._resume["batches"] * self.batch_size)
             self._resume = None
