@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 from conftest import CONFIGS
+from helpers import task_datamodule
 from omegaconf import OmegaConf
 from transformers import ByT5Tokenizer
 
@@ -21,10 +22,7 @@ TOKENIZER = ByT5Tokenizer()
 
 
 def datamodule(task: str, **overrides) -> TaskDataModule:
-    options = OmegaConf.to_container(OmegaConf.load(CONFIGS / "dataset" / f"{task}.yaml"))
-    options = {k: v for k, v in options.items() if k not in ("_target_", "epochs")}
-    options.update({"split_seed": 0, "split_protocol": "dept", **overrides})
-    dm = TaskDataModule(tokenizer=TOKENIZER, **options)
+    dm = task_datamodule(task, TOKENIZER, **{"split_protocol": "dept", **overrides})
     dm.setup()
     return dm
 

@@ -236,3 +236,27 @@ def test_mnli_reports_matched_and_mismatched_accuracy(make_cfg):
         make_cfg("dataset=mnli", "method=prompt_tuning", "method.prompt_length=4", "trainer.fast_dev_run=true")
     )
     assert set(results["metrics"]["test"]) == set(results["metrics"]["test_alt"]) == {"accuracy", "score"}
+
+
+@pytest.mark.parametrize(
+    ("task", "record", "text", "target"),
+    [
+        ("mnli", {"premise": "P.", "hypothesis": "H.", "label": 1}, "hypothesis: H. premise: P.", "neutral"),
+        ("qqp", {"question1": "A?", "question2": "B?", "label": 1}, "question1: A? question2: B?", "is_duplicate"),
+    ],
+)
+def test_fpt_style_uses_fpts_template_and_label_names(make_cfg, task, record, text, target, tmp_path):
+    """dataset.template_style=fpt (experiment=fpt_mnli / fpt_qqp): FPT's order of the fields and its label names."""
+    from smop.checks import check_config
+
+    dm = datamodule(task, template_style="fpt", source="dir", data_dir=str(tmp_path))
+    for split in dm.split_names.values():
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps({**record, "idx": i}) for i in range(10)) + "\n")
+    dm.setup()
+    row = dm.splits["test"][0]
+    assert TOKENIZER.decode(row["input_ids"], skip_special_tokens=True) == text
+    assert TOKENIZER.decode(row["labels"], skip_special_tokens=True) == target
+    cfg = make_cfg(f"experiment=fpt_{task}")
+    assert (cfg.dataset.template, cfg.dataset.label_words[1]) == (dm.task.template, target)
+    with pytest.raises(ValueError, match=rf"dataset.template_style=t5 for {task} is not one of: dept, fpt"):
+        check_config(make_cfg(f"dataset={task}", "dataset.template_style=t5"))

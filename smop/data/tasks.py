@@ -183,11 +183,14 @@ def template_fields(template: str) -> list[str]:
     return list(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(template) if name))
 
 
-def choose_template(name: str, template: str | None, templates: dict[str, str] | None, style: str | None) -> str:
+def choose_template(
+    name: str, template: str | None, templates: dict[str, Any] | None, style: str | None
+) -> str:
     """The task's template: `dataset.template`, or, for a task with template styles (`dataset.templates`, a map of
-    style -> template, e.g. DePT's and FPT's strings), the one of `dataset.template_style`. The configs choose it by
-    interpolation (`template: ${oc.select:dataset.templates.${dataset.template_style},null}`), which leaves null for
-    an unknown style: refused here naming the styles. A `dataset.template` given outright wins over the style."""
+    style -> template, e.g. DePT's and FPT's strings, or -> {template, label_words} where the styles' targets differ
+    too: MNLI, QQP), the one of `dataset.template_style`. The configs choose it by interpolation (`template:
+    ${oc.select:dataset.templates.${dataset.template_style},null}`), which leaves null for an unknown style: refused
+    here naming the styles. A `dataset.template` given outright wins over the style."""
     if templates is None:
         if style is not None:
             raise ValueError(
@@ -199,6 +202,7 @@ def choose_template(name: str, template: str | None, templates: dict[str, str] |
         )
     elif template is None:
         template = templates[style]
+        template = template.get("template") if isinstance(template, dict) else template
     if not isinstance(template, str) or not template.strip():
         raise ValueError(f"dataset.template={template!r} for {name}: give a format string over the record's fields")
     return template
