@@ -98,6 +98,14 @@ class ResumableSampler(DistributedSampler):
         return iter(indices[self.skip :] if self.epoch == self.resume_epoch else indices)
 
 
+def pad_width(batch: torch.Tensor, multiple: int | None, value: int) -> torch.Tensor:
+    """[B, n] padded on the right with `value` to the next multiple of `multiple` (fewer distinct shapes for a
+    compiled step, aligned tiles for tensor cores); unchanged when `multiple` is None."""
+    if multiple is None or batch.shape[1] % multiple == 0:
+        return batch
+    return torch.nn.functional.pad(batch, (0, multiple - batch.shape[1] % multiple), value=value)
+
+
 class TaskDataModule(L.LightningDataModule):
     """Train / validation (a seeded 90/10 split of the official train set) / test (`splits.test`: the official
     validation set by default)."""
@@ -141,6 +149,7 @@ class TaskDataModule(L.LightningDataModule):
         no_answer_text: str | None = None,
         max_target_length: int | None = None,
         max_train_records: int | None = None,
+        pad_to_multiple_of: int | None = None,
     ) -> None:
         """`causal`: the backbone is a decoder-only LM (see `encode` and `target_ids`); its whole sequence, prompt,
         source and target, fits `max_length`. `splits`: the hub's files by role (smop.data.sources.SPLIT_ROLES), e.g.
@@ -150,7 +159,8 @@ class TaskDataModule(L.LightningDataModule):
         (trainer.max_steps, dataset.max_length), not here. `target_field`, `no_answer_text`, `max_target_length`: a
         free-text target (QA, summaries): where its golds are, what an unanswerable question's target is, and its
         length in tokens (EOS included), which bounds the training target and the generation. `max_train_records`: a cap
-        on the training rows (smop.data.splits.capped_part; Yelp-2: DePT's 100,000)."""
+        on the training rows (smop.data.splits.capped_part; Yelp-2: DePT's 100,000). `pad_to_multiple_of`: a batch's
+        width rounded up to it (resolved by smop.fast_path; masks and -100 labels cover the padding)."""
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
@@ -209,6 +219,7 @@ class TaskDataModule(L.LightningDataModule):
         self.synthetic = dict(synthetic or {})
         self.seed = seed
         self._resume: dict[str, int] | None = None
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.splits: dict[str, list[dict[str, Any]]] = {}
 
     @property
@@ -316,10 +327,12 @@ class TaskDataModule(L.LightningDataModule):
         return batch
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Pad to the longest row of this batch, not to max_length."""
+        """Pad to the longest row of this batch, not to max_length (rounded up to `pad_to_multiple_of`)."""
         inputs = [torch.tensor(row["input_ids"]) for row in rows]
         input_ids = pad_sequence(inputs, batch_first=True, padding_value=self.tokenizer.pad_token_id)
         labels = pad_sequence([torch.tensor(row["labels"]) for row in rows], batch_first=True, padding_value=-100)
+        input_ids = pad_width(input_ids, self.pad_to_multiple_of, self.tokenizer.pad_token_id)
+        labels = pad_width(labels, self.pad_to_multiple_of, -100)
         lengths = torch.tensor([len(x) for x in inputs])
         batch = {
             "input_ids": input_ids,
