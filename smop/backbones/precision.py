@@ -30,9 +30,11 @@ def _matches(parameter: str, modules: list[str]) -> bool:
 
 
 def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """`model.to(dtype)` in place, except the floating-point weights transformers keeps in float32 for `dtype`."""
+    """The floating-point parameters in `dtype`, in place, except those transformers keeps in float32 for it.
+
+    Buffers keep their dtype, as from_pretrained leaves them: `.to(dtype)` would round Llama's rotary `inv_freq`."""
     keep = kept_in_float32(model, dtype)
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+    for name, tensor in model.named_parameters():
         if tensor.is_floating_point():
             tensor.data = tensor.data.to(torch.float32 if _matches(name, keep) else dtype)
     return model
