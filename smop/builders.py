@@ -15,6 +15,7 @@ from smop.backbones import CAUSAL, build_backbone, model_kind
 from smop.backbones.decoding import Decoding
 from smop.checks import method_routes
 from smop.data import TaskDataModule
+from smop.fast_path import FastPath, resolve_fast_path
 from smop.methods.base import PromptModule
 from smop.methods.instance import encoder_tokenizer
 from smop.module import PromptTuningSystem
@@ -22,14 +23,19 @@ from smop.module import PromptTuningSystem
 log = logging.getLogger(__name__)
 
 
-def build_datamodule(cfg: DictConfig, tokenizer: Any, setup: bool = True, kind: str | None = None) -> TaskDataModule:
+def build_datamodule(
+    cfg: DictConfig, tokenizer: Any, setup: bool = True, kind: str | None = None, fast: FastPath | None = None
+) -> TaskDataModule:
     """Read, split and tokenize the data now, so a malformed file fails before the model is built.
 
     `setup=False` reads nothing: the task and the training's truncation, for labelling new inputs (smop.predict).
-    `kind`: the backbone's kind when the caller has read it already (else it is read from the model's config)."""
+    `kind`: the backbone's kind when the caller has read it already (else it is read from the model's config).
+    `fast`: the run's resolved fast path (else resolved here): dataset.pad_to_multiple_of."""
     if kind is None:
         kind = model_kind(cfg.model)
+    fast = fast or resolve_fast_path(cfg)
     options = {k: v for k, v in cfg.dataset.items() if k != "epochs"}  # `epochs` is read by the trainer config
+    options["pad_to_multiple_of"] = fast.pad_to_multiple_of  # `auto` resolved
     datamodule = instantiate(
         OmegaConf.create(options),
         tokenizer=tokenizer,
@@ -54,11 +60,13 @@ def build_prompt(cfg: DictConfig, backbone: torch.nn.Module, tokenizer: Any) -> 
 
 
 def build_system(
-    cfg: DictConfig, datamodule: TaskDataModule, tokenizer: Any, init_from: bool = True
+    cfg: DictConfig, datamodule: TaskDataModule, tokenizer: Any, init_from: bool = True, fast: FastPath | None = None
 ) -> PromptTuningSystem:
-    """`init_from=False`: leave method.init_from unread (a saved config rebuilt to take its own trained weights)."""
+    """`init_from=False`: leave method.init_from unread (a saved config rebuilt to take its own trained weights).
+    `fast`: the run's resolved fast path (else resolved here): the backbone's dtype and attention, compile."""
+    fast = fast or resolve_fast_path(cfg)
     tiny = OmegaConf.to_container(cfg.model.tiny) if cfg.model.get("tiny") else None
-    backbone = build_backbone(cfg.model.name_or_path, tiny, cfg.model.get("dtype"))
+    backbone = build_backbone(cfg.model.name_or_path, tiny, fast.backbone_dtype, fast.attention)
     prompt = build_prompt(cfg, backbone, tokenizer)
     if init_from and prompt is not None and cfg.method.get("init_from"):
         initialise_prompt(cfg, prompt, backbone.get_input_embeddings().embedding_dim)
@@ -84,6 +92,7 @@ def build_system(
         sandbox=datamodule.sandbox,
         seed=cfg.seed,
         eval_mode=OmegaConf.select(cfg, "eval.mode", default="generate"),
+        compile_options=fast.compile_options if fast.compile else None,
     )
 
 

@@ -58,10 +58,9 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
     """Raise ValueError / FileNotFoundError naming the bad value and the allowed ones."""
     check_step_budget(cfg)
     check_ranges(cfg)  # every numeric option in its range first: the checks below compare them
-    if cfg.get("model") is not None:
-        from smop.backbones import weight_dtype
+    from smop.fast_path import check_fast_path
 
-        weight_dtype(cfg.model.get("dtype"))  # an unknown name is refused here, before anything is read or built
+    check_fast_path(cfg)  # model.dtype, attention, compile; dataset.pad_to_multiple_of: refused here, before anything
     method = cfg.method.name
     routers = ", ".join(options("router"))
     if method_routes(cfg):

@@ -70,9 +70,11 @@ class PromptTuningSystem(L.LightningModule):
         sandbox: dict[str, Any] | None = None,
         seed: int = 0,
         eval_mode: str = "generate",
+        compile_options: dict[str, Any] | None = None,
     ) -> None:
         """`decoding`, `sandbox`: how a code task's evaluation samples its generations (from generators seeded by
-        `seed` and each batch's first example: reproducible) and runs them (smop.execution)."""
+        `seed` and each batch's first example: reproducible) and runs them (smop.execution). `compile_options`:
+        torch.compile's backend, mode and dynamic for the training step (None: not compiled)."""
         super().__init__()
         check_eval_mode(eval_mode, task.target, task.name)
         self.save_hyperparameters(config or {})  # the plain resolved config: loads with weights_only=True
@@ -103,6 +105,8 @@ class PromptTuningSystem(L.LightningModule):
         routed = prompt is not None and prompt.routes
         self.routing = nn.ModuleDict({_key(s): RoutingCounts(prompt.num_prompts) for s in SPLITS}) if routed else None
         self.routing_counts: dict[str, list[int]] = {}
+        self.compile_options = dict(compile_options) if compile_options is not None else None
+        self._compiled_loss: Callable[..., tuple[Tensor, Tensor]] | None = None  # compiled on first use
         # Lightning keeps each submodule's mode at the start of fit (it no longer calls .train()): set it here
         self.train(self.training)
 
@@ -148,12 +152,17 @@ class PromptTuningSystem(L.LightningModule):
         return torch.cat([out.prompt, embeds], dim=1), torch.cat([ones, attention_mask], dim=1), out
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, inputs: Mapping[str, Tensor] = NO_INPUTS
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        inputs: Mapping[str, Tensor] = NO_INPUTS,
+        loss_fn: Callable[..., tuple[Tensor, Tensor]] | None = None,
     ) -> tuple[Tensor, Tensor, PromptOutput | None]:
         """Task loss over the target tokens (plus the prompt module's auxiliary loss), the logits that predict the
-        target [B, t, V], prompt output."""
+        target [B, t, V], prompt output. `loss_fn`: the backbone kind's loss, or its compiled form (`step_loss`)."""
         embeds, mask, out = self.encoder_inputs(input_ids, attention_mask, inputs)
-        task_loss, logits = self.kind.loss(self.backbone, embeds, mask, labels)
+        task_loss, logits = (loss_fn or self.kind.loss)(self.backbone, embeds, mask, labels)
         loss = task_loss if out is None or out.aux_loss is None else task_loss + out.aux_loss
         return loss, logits, out
 
@@ -203,12 +212,24 @@ class PromptTuningSystem(L.LightningModule):
         return scores.argmax(-1), out
 
     # --- steps -------------------------------------------------------------------------------------
+    @property
+    def step_loss(self) -> Callable[..., tuple[Tensor, Tensor]]:
+        """The training step's backbone call: compiled once per run with model.compile (smop.compiling), else plain."""
+        if self.compile_options is None:
+            return self.kind.loss
+        if self._compiled_loss is None:
+            from smop.compiling import compile_loss
+
+            self._compiled_loss = compile_loss(self.kind.loss, self.compile_options)
+        return self._compiled_loss
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        inputs = self.prompt_inputs(batch)
-        loss, logits, out = self(batch["input_ids"], batch["attention_mask"], batch["labels"], inputs)
+        inputs, step = self.prompt_inputs(batch), self.step_loss
+        rows = (batch["input_ids"], batch["attention_mask"], batch["labels"], inputs)
+        loss, logits, out = self(*rows, loss_fn=step)
         weight = self.prompt.consistency_weight if self.prompt is not None else 0.0
         if weight > 0:  # stochastic routing: a second pass with other random prompts, and agreement between them
-            loss_b, logits_b, _ = self(batch["input_ids"], batch["attention_mask"], batch["labels"], inputs)
+            loss_b, logits_b, _ = self(*rows, loss_fn=step)
             loss = loss + loss_b + weight * consistency_loss(logits, logits_b)
         self._stop_if_not_finite(loss)
         self._count_routes("train", out)

@@ -34,6 +34,8 @@ ADOPTED = (*GROUPS, "seed", "optimizer", "warmup_ratio", "warmup_steps")
 # A resumed run may change how it runs and for how long, not what it trains: everything else must match.
 FREE_ON_RESUME = ("paths", "trainer", "callbacks", "logger", "hydra", "ckpt_path", "train", "test", "hparams_search")
 FREE_LEAVES = ("dataset.epochs", "dataset.eval_batch_size", "dataset.num_workers", "dataset.data_dir")
+# How the step runs, not what it computes (smop.fast_path): a compiled run resumes or evaluates uncompiled, and back
+HOW_IT_RUNS = ("model.compile", "model.compile_options", "dataset.pad_to_multiple_of")
 # What an evaluation needs to match: the model and the shapes of what was trained, not how it was trained.
 TRAINING_ONLY = {"init", "init_text", "dropout", "lr", "lr_lowrank", "weight_decay", "encoder_lr", "shared_lr"}
 ROUTING = ("router._target_", "router.topk", "router.num_prompts")
@@ -136,11 +138,17 @@ def leaves(config: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def how_it_runs(key: str) -> bool:
+    return any(key == name or key.startswith(f"{name}.") for name in HOW_IT_RUNS)
+
+
 def resume_keys(key: str) -> bool:
-    return key.split(".")[0] not in FREE_ON_RESUME and key not in FREE_LEAVES
+    return key.split(".")[0] not in FREE_ON_RESUME and key not in FREE_LEAVES and not how_it_runs(key)
 
 
 def evaluation_keys(key: str, tiny: bool) -> bool:
+    if how_it_runs(key):
+        return False
     if key.startswith("model.") or key in ("method.name", "method.prompt_length", "method.train_backbone"):
         return True
     if key.startswith(("method.module.", "method.lora.")):

@@ -18,7 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from smop.backbones import BackboneKindError, HubUnreachableError, build_tokenizer, model_kind
 from smop.builders import build_datamodule, build_system, count_parameters, instantiate_group
 from smop.checks import Refused, check_config, check_devices, check_method_on_kind
+from smop.compiling import compile_callbacks
 from smop.distributed import isolated_job, launch_ranks_per_job
+from smop.fast_path import resolve_fast_path
 from smop.interrupts import EXIT_CODES, InterruptCheckpoint, RunStopped, StopSignals, position
 from smop.results import print_summary, versions, write_results
 from smop.resume import (
@@ -145,16 +147,19 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
                 results["config_from_checkpoint"] = start.adopted
             if start.checkpoint is not None and cfg.train and previous is not None:
                 results["attempts"] = earlier_attempts(previous)
+            fast = resolve_fast_path(cfg)  # once, for this machine: the config keeps `auto`, results.json the choice
+            results.update(backbone_dtype=fast.backbone_dtype, fast_path=fast.record())
             launch_ranks_per_job()
             L.seed_everything(cfg.seed, workers=True)
             tokenizer = build_tokenizer(cfg.model.name_or_path)
-            datamodule = build_datamodule(cfg, tokenizer, kind=kind)
+            datamodule = build_datamodule(cfg, tokenizer, kind=kind, fast=fast)
             results["split"] = datamodule.split_info  # protocol, sizes and member hashes of train / val / test
-            system = build_system(cfg, datamodule, tokenizer)
+            system = build_system(cfg, datamodule, tokenizer, fast=fast)
             validates = datamodule.validates  # split_protocol=lopa: no validation set, the final checkpoint is tested
             callback_cfg = cfg.get("callbacks") if validates else final_checkpoint_only(cfg.get("callbacks"))
             callbacks, loggers = instantiate_group(callback_cfg), instantiate_group(cfg.get("logger"))
             callbacks += wandb_callbacks(loggers)  # routing histograms, when a WandbLogger is configured
+            callbacks += compile_callbacks(system)  # compiles before the timed loop: cost.compile_time_s
             no_validation = {} if validates else {"limit_val_batches": 0}
             trainer = instantiate(cfg.trainer, callbacks=[*callbacks, stop], logger=loggers or False, **no_validation)
             results["params"] = count_parameters(system)

@@ -142,5 +142,5 @@ def test_model_dtype_keeps_the_frozen_weights_in_it_and_the_prompt_in_float32(ma
 def test_an_unknown_model_dtype_is_refused_by_name(make_cfg):
     from smop.checks import check_config
 
-    with pytest.raises(ValueError, match=r"model.dtype=float8 is not one of: null, float32, bfloat16, float16"):
+    with pytest.raises(ValueError, match=r"model.dtype=float8 is not one of: null, auto, float32, bfloat16, float16"):
         check_config(make_cfg("model=llama-tiny", "model.dtype=float8"))

@@ -22,6 +22,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from smop.backbones.causal import CausalKind
+from smop.backbones.precision import cast_weights
 from smop.backbones.seq2seq import Seq2SeqKind
 from smop.checks import DTYPE_NAMES
 
@@ -118,37 +119,47 @@ def model_kind(model: Any) -> str:
 
 
 # model.dtype: the precision the frozen weights are kept in (null: the checkpoint's own, transformers' "auto";
-# float32 for a model built from a config)
+# float32 for a model built from a config); `auto` is resolved before (smop.fast_path)
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def weight_dtype(name: str | None) -> torch.dtype | None:
-    """The torch dtype of a `model.dtype` name; None keeps the checkpoint's own."""
+    """The torch dtype of a resolved `model.dtype` name; None keeps the checkpoint's own."""
     if name is None:
         return None
     if name not in DTYPES:
-        raise ValueError(f"model.dtype={name} is not one of: null, {', '.join(DTYPES)}")
+        raise ValueError(f"model.dtype={name} is not one of: null, {', '.join(DTYPES)} (auto is resolved first)")
     return DTYPES[name]
 
 
 def build_backbone(
-    name_or_path: str, tiny_config_options: dict[str, Any] | None = None, dtype: str | None = None
+    name_or_path: str,
+    tiny_config_options: dict[str, Any] | None = None,
+    dtype: str | None = None,
+    attention: str | None = None,
 ) -> PreTrainedModel:
     """Random weights from `tiny_config_options` when `name_or_path == "tiny"` (a T5, or the `model_type` it
     names), else the pretrained weights of a seq2seq (AutoModelForSeq2SeqLM) or causal (AutoModelForCausalLM) LM,
-    kept in `dtype` (model.dtype: bfloat16 halves a 7B model's memory; the prompt modules keep float32 weights).
+    kept in `dtype` (model.dtype: bfloat16 halves a 7B model's memory; the prompt modules keep float32 weights;
+    the modules transformers keeps in float32 stay so, see smop.backbones.precision), with `attention`
+    (model.attention: sdpa or eager; None: transformers' default).
 
     The kind is read from the checkpoint's own config first, and a weight the checkpoint lacks stops the run:
     a real checkpoint never becomes a randomly initialised model."""
     torch_dtype = weight_dtype(dtype)
     config = load_config(name_or_path, tiny_config_options)
     kind = kind_of_config(config, name_or_path)
+    implementation = {"attn_implementation": attention} if attention is not None else {}
     if name_or_path == TINY:
+        if attention is not None:  # the constructor reads it from the config; the seeded weights stay the same
+            config._attn_implementation = attention
         model = T5ForConditionalGeneration(config) if kind == SEQ2SEQ else AutoModelForCausalLM.from_config(config)
-        return model.to(torch_dtype) if torch_dtype is not None else model
+        return cast_weights(model, torch_dtype) if torch_dtype is not None else model
     architectures = _architectures(config)
     try:
-        model, info = LOADERS[kind].from_pretrained(name_or_path, output_loading_info=True, dtype=torch_dtype)
+        model, info = LOADERS[kind].from_pretrained(
+            name_or_path, output_loading_info=True, dtype=torch_dtype, **implementation
+        )
     except (OSError, ValueError) as err:
         raise BackboneKindError(
             f"model.name_or_path={name_or_path}: its {config.model_type} config ({architectures}) does not load as a "

@@ -160,6 +160,14 @@ class ResumableSampler(DistributedSampler):
         return iter(indices[self.skip :] if self.epoch == self.resume_epoch else indices)
 
 
+def pad_width(batch: torch.Tensor, multiple: int | None, value: int) -> torch.Tensor:
+    """[B, n] padded on the right with `value` to the next multiple of `multiple` (fewer distinct shapes for a
+    compiled step, aligned tiles for tensor cores); unchanged when `multiple` is None."""
+    if multiple is None or batch.shape[1] % multiple == 0:
+        return batch
+    return torch.nn.functional.pad(batch, (0, multiple - batch.shape[1] % multiple), value=value)
+
+
 class TaskDataModule(L.LightningDataModule):
     """Train / validation (a seeded 90/10 split of the official train set) / test (`splits.test`: the official
     validation set by default)."""
@@ -217,6 +225,7 @@ class TaskDataModule(L.LightningDataModule):
         official_files: dict[str, str] | None = None,
         official_format: str | None = None,
         group_by_length: bool = False,
+        pad_to_multiple_of: int | None = None,
     ) -> None:
         """`causal`: the backbone is a decoder-only LM (see `encode` and `target_ids`); its whole sequence, prompt,
         source and target, fits `max_length`. `splits`: the hub's files by role (smop.data.sources.SPLIT_ROLES), e.g.
@@ -238,7 +247,8 @@ class TaskDataModule(L.LightningDataModule):
         row each, ReCoRD), `first` on the first; evaluation rows are one per example either way. `official_files`,
         `official_format`: a split's official JSON document in a `dir` folder and its reader (SQuAD's
         train-v2.0.json; smop.data.official). `group_by_length`: training batches of rows of similar input length
-        (`ResumableSampler`), so that padding does not dominate."""
+        (`ResumableSampler`), so that padding does not dominate. `pad_to_multiple_of`: a batch's width rounded up to
+        it (resolved by smop.fast_path; masks and -100 labels cover the padding)."""
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
@@ -324,6 +334,7 @@ class TaskDataModule(L.LightningDataModule):
             raise ValueError(f"dataset.group_by_length={group_by_length!r}: give true or false")
         self.group_by_length = group_by_length
         self._resume: dict[str, int] | None = None
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.splits: dict[str, list[dict[str, Any]]] = {}
 
     @property
@@ -465,10 +476,12 @@ class TaskDataModule(L.LightningDataModule):
         return batch
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Pad to the longest row of this batch, not to max_length."""
+        """Pad to the longest row of this batch, not to max_length (rounded up to `pad_to_multiple_of`)."""
         inputs = [torch.tensor(row["input_ids"]) for row in rows]
         input_ids = pad_sequence(inputs, batch_first=True, padding_value=self.tokenizer.pad_token_id)
         labels = pad_sequence([torch.tensor(row["labels"]) for row in rows], batch_first=True, padding_value=-100)
+        input_ids = pad_width(input_ids, self.pad_to_multiple_of, self.tokenizer.pad_token_id)
+        labels = pad_width(labels, self.pad_to_multiple_of, -100)
         lengths = torch.tensor([len(x) for x in inputs])
         batch = {
             "input_ids": input_ids,

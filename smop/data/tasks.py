@@ -183,9 +183,7 @@ def template_fields(template: str) -> list[str]:
     return list(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(template) if name))
 
 
-def choose_template(
-    name: str, template: str | None, templates: dict[str, Any] | None, style: str | None
-) -> str:
+def choose_template(name: str, template: str | None, templates: dict[str, Any] | None, style: str | None) -> str:
     """The task's template: `dataset.template`, or, for a task with template styles (`dataset.templates`, a map of
     style -> template, e.g. DePT's and FPT's strings, or -> {template, label_words} where the styles' targets differ
     too: MNLI, QQP), the one of `dataset.template_style`. The configs choose it by interpolation (`template:

@@ -18,12 +18,19 @@ def add_lora(
 ) -> nn.Module:
     """Inject trainable LoRA pairs into the (already frozen) backbone in place; base weights stay frozen.
 
-    `target_modules` None: T5's q and v (a causal model config names its own: model.lora_target_modules)."""
+    `target_modules` None: T5's q and v (a causal model config names its own: model.lora_target_modules).
+    The adapters are float32 whatever the backbone's dtype: inject_adapter_in_model creates them in the base
+    layer's dtype (bfloat16 under model.dtype=bfloat16), and trained weights and their optimizer state stay float32
+    (get_peft_model's autocast_adapter_dtype does the same)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = list(target_modules or T5_TARGETS)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
-    return inject_adapter_in_model(config, backbone)
+    backbone = inject_adapter_in_model(config, backbone)
+    for name, weight in backbone.named_parameters():
+        if "lora_" in name and weight.is_floating_point():
+            weight.data = weight.data.float()
+    return backbone
 
 
 def has_lora(backbone: nn.Module) -> bool:

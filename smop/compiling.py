@@ -1,0 +1,71 @@
+"""torch.compile of the training step's backbone call (model.compile), and its compilation timed apart.
+
+What is compiled is the backbone kind's loss function (backbone forward + loss), not a module: no wrapper enters
+the module tree, so state_dict keys and checkpoints are the same with and without compile, and generation and FLOP
+counting (fvcore traces, eager attention) run the plain modules."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from smop.costs import sync
+
+
+def compile_loss(loss: Callable[..., Any], options: dict[str, Any]) -> Callable[..., Any]:
+    """`loss` compiled lazily (on its first call) with model.compile_options: backend, mode, dynamic."""
+    return torch.compile(loss, backend=options["backend"], mode=options.get("mode"), dynamic=options.get("dynamic"))
+
+
+class CompileWarmup(Callback):
+    """Compiles before the timed loop, so step times and examples/s exclude compilation: one forward + backward of
+    the compiled step on the first training batch (file order), under the run's precision, reported as
+    cost.compile_time_s (compilation plus that one step). Gradients are dropped and every random state restored, so
+    the run continues exactly as without the warm-up (as the FLOP counter does).
+
+    With several ranks it is skipped (a backward outside DDP's forward would confuse its reducer): the first steps
+    compile then, and compile_time_s is null."""
+
+    def __init__(self) -> None:
+        self.compile_time: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from smop.module import rng_state, set_rng_state
+
+        if getattr(pl_module, "compile_options", None) is None or trainer.world_size > 1:
+            return
+        if trainer.datamodule is None:
+            return
+        state = rng_state()  # building a loader's iterator draws a seed from the global generator
+        loader = trainer.datamodule.train_dataloader()
+        fixed = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn, shuffle=False)
+        batch = pl_module.transfer_batch_to_device(next(iter(fixed)), pl_module.device, 0)
+        sync(pl_module.device)
+        start = time.perf_counter()
+        with trainer.precision_plugin.train_step_context():
+            loss, _, _ = pl_module(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["labels"],
+                pl_module.prompt_inputs(batch),
+                loss_fn=pl_module.step_loss,
+            )
+        loss.backward()
+        sync(pl_module.device)
+        self.compile_time = time.perf_counter() - start
+        pl_module.zero_grad(set_to_none=True)
+        set_rng_state(state)
+
+    def cost(self) -> dict[str, Any]:
+        return {"compile_time_s": self.compile_time}
+
+
+def compile_callbacks(system: L.LightningModule) -> list[Callback]:
+    """The warm-up when the system's step is compiled; none otherwise."""
+    return [CompileWarmup()] if getattr(system, "compile_options", None) is not None else []
