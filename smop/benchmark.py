@@ -45,8 +45,9 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from smop.backbones import CAUSAL, SEQ2SEQ, TINY, build_backbone, build_tokenizer, freeze, kind_of
+from smop.backbones import CAUSAL, DTYPES, SEQ2SEQ, TINY, build_backbone, build_tokenizer, freeze, kind_of
 from smop.backbones.causal import IGNORE, left_aligned, take
+from smop.backbones.precision import cast_weights
 from smop.backbones.scoring import candidate_ids
 from smop.builders import build_datamodule, build_prompt
 from smop.checks import CONFIG_DIR, method_routes
@@ -333,8 +334,10 @@ def build_ours(
     device: torch.device,
     autocast: Callable[[], Any],
     train_dropout: bool,
+    compile_options: dict[str, Any] | None = None,
 ) -> Runner:
-    """Our PromptTuningSystem, exactly as train.py builds it, driven by a plain loop (see docs)."""
+    """Our PromptTuningSystem, exactly as train.py builds it, driven by a plain loop (see docs). `compile_options`:
+    the training step's backbone call compiled as model.compile does (the warm-up steps absorb the compilation)."""
     full = bool(root.method.train_backbone)
     snapshot = {k: v.detach().to("cpu", copy=True) for k, v in backbone.state_dict().items()} if full else None
     if full:
@@ -349,13 +352,14 @@ def build_ours(
         train_backbone=full,
         train_dropout=train_dropout,
         lora=lora,
+        compile_options=compile_options,
     ).to(device)
     system.train()
     optimizer = system.optimizer_factory(system.param_groups())  # the method's groups (DePT, LoRA: two lrs)
 
     def step(batch: Batch) -> None:
         with autocast():
-            loss, _, _ = system(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss, _, _ = system(batch["input_ids"], batch["attention_mask"], batch["labels"], loss_fn=system.step_loss)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -548,6 +552,7 @@ class Bench:
         self.architecture = OmegaConf.to_container(cfg.architectures[cfg.model], resolve=True)
         torch.manual_seed(cfg.seed)
         self.backbone = freeze(build_backbone(TINY, self.architecture)).to(self.device)  # random weights
+        self.stored: dict[str, PreTrainedModel] = {}  # copies of the backbone in another stored dtype (fast variants)
         self.kind = kind_of(self.backbone).name
         if self.kind != cfg.kind:
             raise ValueError(
@@ -558,7 +563,8 @@ class Bench:
         self.estimate = not tiny and not cfg.tokenizer
         self.tokenizer = build_tokenizer("tiny" if tiny or self.estimate else cfg.tokenizer)
         self.vocab_high = min(self.backbone.config.vocab_size, 32000)  # no sentinels or padding rows
-        names = list(cfg.run_variants or cfg.variants)
+        on_cpu = self.device.type == "cpu"  # inductor takes minutes there: the fast variants only when named
+        names = list(cfg.run_variants or [n for n in cfg.variants if not (on_cpu and cfg.variants[n].get("fast"))])
         unknown = set(names) - set(cfg.variants)
         if unknown:
             raise ValueError(f"benchmark.run_variants: unknown {sorted(unknown)}; known: {', '.join(cfg.variants)}")
@@ -573,6 +579,22 @@ class Bench:
         self.peak = device_peak(self.device)
         self.hardware = hardware(self.device, measure=bool(cfg.measure_peak))  # before any variant: a cold device
 
+    def fast_backbone(self, name: str, dtype: str | None) -> PreTrainedModel:
+        """The shared backbone, or its copy stored in `dtype` (model.dtype's rule: smop.backbones.precision), made
+        once: a frozen bf16 backbone is the fast path's first part."""
+        if dtype is None:
+            return self.backbone
+        if dtype not in self.stored:
+            if self.cfg.precision != "bf16":
+                raise ValueError(
+                    f"variant {name}: fast.dtype={dtype} stores the frozen weights in {dtype}, which computes under "
+                    "autocast only: set benchmark.precision=bf16"
+                )
+            if dtype not in DTYPES:
+                raise ValueError(f"variant {name}: fast.dtype={dtype}; allowed: null, {', '.join(DTYPES)}")
+            self.stored[dtype] = cast_weights(copy.deepcopy(self.backbone), DTYPES[dtype])
+        return self.stored[dtype]
+
     def autocast(self) -> Any:
         if self.cfg.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -584,7 +606,12 @@ class Bench:
         spec, root = self.specs[name], self.roots[name]
         dropout = bool(self.cfg.train_dropout)
         if spec.runner == "ours":
-            return build_ours(root, self.backbone, self.tokenizer, task, self.device, self.autocast, dropout)
+            fast = spec.get("fast") or {}
+            backbone, options = self.fast_backbone(name, fast.get("dtype")), fast.get("compile")
+            options = OmegaConf.to_container(options, resolve=True) if options else None
+            return build_ours(root, backbone, self.tokenizer, task, self.device, self.autocast, dropout, options)
+        if spec.get("fast"):
+            raise ValueError(f"variant {name}: `fast` (stored dtype, compile) is for runner=ours, not {spec.runner}")
         if spec.runner == "lightning":
             return build_lightning(root, self.backbone, self.tokenizer, task, self.device, self.cfg.precision, dropout)
         if spec.runner == "peft":
@@ -796,6 +823,48 @@ def eval_comparison(bench: Bench, rows: TaskRows) -> dict[str, Any]:
 
 
 # --- ratios and the analytic check ------------------------------------------------------------------
+# --- one profiled step ------------------------------------------------------------------------------
+def profile_steps(bench: Bench, name: str, setting: Setting, task: Task, rows: int) -> dict[str, Any]:
+    """The top kernels (CUDA) or operators (CPU) of a variant's training steps under torch.profiler, by self time:
+    what the next speed-up should attack. The warm-up steps run first, unprofiled (allocator, autotuning, compile)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = bench.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    runner = bench.build(name, task)
+    try:
+        warmup = setting.batches[: bench.cfg.warmup_steps]
+        profiled = setting.batches[bench.cfg.warmup_steps :][:2] or setting.batches[-1:]
+        for batch in warmup:
+            runner.step(batch)
+        sync(bench.device)
+        with profile(activities=activities) as prof:
+            for batch in profiled:
+                runner.step(batch)
+            sync(bench.device)
+    finally:
+        runner.close()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]
+    return {
+        "variant": name,
+        "setting": setting.name,
+        "steps": len(profiled),
+        "time": "CUDA self time" if cuda else "CPU self time",
+        "rows": [
+            {
+                "name": e.key,
+                "calls": e.count,
+                "self_ms_per_step": getattr(e, key) / 1e3 / len(profiled),
+                "share": getattr(e, key) / total,
+            }
+            for e in top
+        ],
+    }
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -817,6 +886,11 @@ def compare(variants: dict[str, dict[str, Any]], names: DictConfig) -> dict[str,
         "ours_over_bare_step_time": ratio(get("pt", "step_time_s_median"), get("bare", "step_time_s_median")),
         "lightning_over_plain_step_time": ratio(
             get("lightning", "step_time_s_median"), get("pt", "step_time_s_median")
+        ),
+        "fast_over_peft_step_time": ratio(get("pt_fast", "step_time_s_median"), get("peft", "step_time_s_median")),
+        "fast_over_plain_memory": ratio(get("pt_fast", "peak_memory_bytes"), get("pt", "peak_memory_bytes")),
+        "smop_over_pt_fast_step_time": ratio(
+            get("smop_fast", "step_time_s_median"), get("pt_fast", "step_time_s_median")
         ),
         "smop_over_pt_cpu_time": ratio(get("smop", "step_cpu_s_median"), get("pt", "step_cpu_s_median")),
         "ours_over_peft_cpu_time": ratio(get("pt", "step_cpu_s_median"), get("peft", "step_cpu_s_median")),
@@ -842,6 +916,8 @@ TARGETS = {
     "smop_over_pt_memory": 0.77,
     "smop_over_pt_flops": 0.73,
     "ours_over_peft_step_time": 1.00,
+    "fast_over_peft_step_time": 0.40,
+    "fast_over_plain_memory": 0.50,
 }
 RATIO_LABELS = {
     "smop_over_pt_step_time": "SMoP/PT-100 time",
@@ -851,6 +927,9 @@ RATIO_LABELS = {
     "ours_over_peft_step_time": "ours/peft time",
     "ours_over_bare_step_time": "ours/bare time",
     "lightning_over_plain_step_time": "Lightning/plain time",
+    "fast_over_peft_step_time": "fast/peft time",
+    "fast_over_plain_memory": "fast/plain memory",
+    "smop_over_pt_fast_step_time": "SMoP/PT-100 fast time",
     "flops_delta_rel_error": "analytic check (rel. err.)",
 }
 CPU_RATIO_LABELS = {
@@ -988,6 +1067,20 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
                 f"weights: generated label words {evaluation['generated_label_words'] * 100:.0f}%, score agrees on "
                 f"{_fmt(evaluation['agreement_where_generated'], 'ratio')} of them)",
                 ["eval.mode", "examples", "examples/s"],
+                rows,
+            )
+        )
+    profiled = report.get("profile")
+    if profiled:
+        rows = [
+            [row["name"][:80], str(row["calls"]), f"{row['self_ms_per_step']:.3f}", f"{row['share'] * 100:.1f}%"]
+            for row in profiled["rows"]
+        ]
+        out.append(
+            (
+                f"Profile: {profiled['variant']} on {profiled['setting']}, {profiled['steps']} training steps, top "
+                f"{len(rows)} by {profiled['time']}",
+                ["kernel / operator", "calls", "self ms / step", "share"],
                 rows,
             )
         )
@@ -1144,8 +1237,15 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
         "config": OmegaConf.to_container(cfg.benchmark, resolve=True),
     }
     rows_by_task: dict[str, TaskRows] = {}
+    profile_cfg = cfg.benchmark.profile
+    if profile_cfg.variant is not None and profile_cfg.variant not in bench.specs:
+        raise ValueError(f"benchmark.profile.variant={profile_cfg.variant} is not among the variants run")
+    report["profile"] = None
     for setting, task, rows in settings(bench):
         rows_by_task[task.name] = rows
+        if profile_cfg.variant is not None and report["profile"] is None and setting.name == profile_cfg.setting:
+            console.log(f"profiling: {profile_cfg.variant} on {setting.name}")
+            report["profile"] = profile_steps(bench, profile_cfg.variant, setting, task, profile_cfg.rows)
         variants: dict[str, dict[str, Any]] = {name: {} for name in bench.specs}
         for round_index in range(cfg.benchmark.rounds):  # rounds > 1 interleave variants against drift
             for name in bench.specs:

@@ -162,6 +162,33 @@ def test_benchmark_runs_end_to_end_on_tiny_t5_and_reports_every_variant(tmp_path
     assert "Device: cpu" in (tmp_path / "benchmark.md").read_text()
 
 
+def test_fast_variants_store_the_backbone_in_bf16_compile_their_step_and_a_step_is_profiled(tmp_path):
+    """The fast path as the GPU command runs it (here with the aot_eager backend: inductor compiles for minutes on a
+    CPU): the bf16-stored backbone halves the weights' memory, the ratios against the plain and peft runs are
+    reported, and the profile lists the top operators of two steps. On a CPU the fast variants run only when named."""
+    assert not VARIANTS & {"pt_100_fast", "smop_4x5_fast"}  # the default list on a CPU leaves them out
+    fast = ["pt_100", "peft_pt_100", "pt_100_fast", "smop_4x5_fast"]
+    backend = [f"benchmark.variants.{name}.fast.compile.backend=aot_eager" for name in fast[2:]]
+    cfg = compose_benchmark(
+        [*TINY, "benchmark.precision=bf16", f"benchmark.run_variants=[{','.join(fast)}]", *backend]
+        + ["benchmark.fixed_lengths=[24]", "benchmark.pipeline.enabled=false", "benchmark.eval.enabled=false"]
+        + ["benchmark.profile.variant=pt_100_fast", "benchmark.profile.setting='fixed 24'", "benchmark.profile.rows=5"]
+    )
+    report = run_benchmark(cfg, tmp_path)
+    for setting in report["settings"]:
+        ratios = setting["ratios"]
+        assert 0 < ratios["fast_over_plain_memory"] < 1 and ratios["fast_over_peft_step_time"] > 0
+        assert ratios["smop_over_pt_fast_step_time"] > 0
+    profiled = report["profile"]
+    assert profiled["variant"] == "pt_100_fast" and profiled["steps"] == 2 and len(profiled["rows"]) == 5
+    assert (
+        all(row["self_ms_per_step"] > 0 for row in profiled["rows"]) and sum(r["share"] for r in profiled["rows"]) <= 1
+    )
+    assert "| kernel / operator |" in (tmp_path / "benchmark.md").read_text()
+    with pytest.raises(ValueError, match=r"fast.dtype=bfloat16 stores the frozen weights in bfloat16, which computes"):
+        run_benchmark(compose_benchmark([*TINY, "benchmark.run_variants=[pt_100_fast]"]), tmp_path / "fp32")
+
+
 @pytest.mark.slow
 def test_module_entry_point_writes_into_its_hydra_output_dir(tmp_path):
     command = [
