@@ -266,7 +266,7 @@ def read_outputs(task: Any, texts: list[str]) -> tuple[dict[str, list[Any]], int
         return {"value": values}, sum(value == UNPARSABLE for value in values)
     if task.target == "text":
         return {"answer": map_no_answer(texts, task.no_answer_text)}, 0
-    if task.target == "code":  # the completion as written; running it is smop.execution's (or the scoring CLI's)
+    if task.target == "code":  # the completion as written; running it is smop.code.evaluation's (or the scoring CLI's)
         return {"completion": list(texts)}, 0
     indices = to_label_index(texts, task.label_words).tolist()
     labels = [task.label_words[index] if index >= 0 else None for index in indices]

@@ -19,9 +19,9 @@ from smop.backbones import freeze, kind_of
 from smop.backbones.decoding import Decoding, truncate_at_stop
 from smop.backbones.scoring import candidate_ids
 from smop.checks import check_eval_mode
+from smop.code.evaluation import CodeScorer
 from smop.data.datamodule import target_ids
 from smop.data.tasks import Task
-from smop.execution import CodeScorer
 from smop.methods.base import NO_INPUTS, PromptModule, PromptOutput
 from smop.methods.lora import add_lora
 from smop.metrics import RoutingCounts, TaskMetrics, map_no_answer, to_label_index, to_number
@@ -73,7 +73,7 @@ class PromptTuningSystem(L.LightningModule):
         compile_options: dict[str, Any] | None = None,
     ) -> None:
         """`decoding`, `sandbox`: how a code task's evaluation samples its generations (from generators seeded by
-        `seed` and each batch's first example: reproducible) and runs them (smop.execution). `compile_options`:
+        `seed` and each batch's first example: reproducible) and runs them (smop.code.evaluation). `compile_options`:
         torch.compile's backend, mode and dynamic for the training step (None: not compiled)."""
         super().__init__()
         check_eval_mode(eval_mode, task.target, task.name)

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 from helpers import task_datamodule
 
-import smop.execution
+import smop.code.evaluation
 from smop.checks import check_config
 from smop.data.datamodule import keep_end
 from smop.data.sources import read_records, sample_dir
@@ -254,7 +254,7 @@ def test_a_run_scores_its_test_generations_and_tests_the_final_checkpoint(make_c
         outcomes = [[type("Outcome", (), {"passed": i % 2 == 0, "reason": "stand-in"})()] for i in range(len(problems))]
         return outcomes, {"pass@1": 0.5}
 
-    monkeypatch.setattr(smop.execution, "score", fake_score)
+    monkeypatch.setattr(smop.code.evaluation, "score", fake_score)
     results = run(make_cfg("dataset=mbpp", *TINY, "trainer.max_epochs=2", "trainer.limit_train_batches=3"))
     assert results["status"] == "completed" and results["metrics"]["val"] is None
     assert results["metrics"]["test"] == {"pass@1": 0.5, "score": 0.5} and results["metrics"]["best_epoch"] == 1

@@ -236,8 +236,8 @@ class TaskDataModule(L.LightningDataModule):
         free-text target (QA, summaries): where its golds are, what an unanswerable question's target is, and its
         length in tokens (EOS included), which bounds the training target and the generation. `max_train_records`: a cap
         on the training rows (smop.data.splits.capped_part; Yelp-2: DePT's 100,000). `target_template`: a
-        code target's text over the record (its generations are run, smop.execution); `truncate_side`: left keeps a
-        too-long source's end. `split_files`: the task's own file names of hub splits in a folder (MBPP's
+        code target's text over the record (its generations are run, smop.code.evaluation); `truncate_side`: left
+        keeps a too-long source's end. `split_files`: the task's own file names of hub splits in a folder (MBPP's
         mbpp_release_v1.jsonl); `sample_folder`: the bundled sample's folder when another task's (CRUXEval's two
         tasks share one). `official_ranges`, `id_field`: the official split of a one-file task by id ranges.
         `decoding` (smop.backbones.decoding.Decoding's options) and `sandbox` (smop.code.sandbox.Sandbox's): how a

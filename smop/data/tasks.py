@@ -1,5 +1,5 @@
 """Tasks as text-to-text: reading records (SuperGLUE, GLUE, QA, summaries, code, ...) into flat examples with a label
-index, a number, gold texts, or a program to complete (scored by running it: smop.execution).
+index, a number, gold texts, or a program to complete (scored by running it: smop.code.evaluation).
 
 Each task's fields, template, label words, splits and metrics live in its dataset config; this module knows only
 what differs in the record formats: how labels and answers are written, MultiRC's nested paragraphs

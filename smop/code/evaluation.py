@@ -2,8 +2,7 @@
 
 A code task (MBPP, CRUXEval) is not scored by comparing texts: each problem's n sampled completions are turned into
 programs and run in the sandbox (smop.code.sandbox), and pass@k (the unbiased estimator, smop.code.passk) is averaged
-over the problems; a generation that cannot be parsed counts as a failure. smop.code is imported when an epoch is
-scored, not before: a run that never scores code needs none of it.
+over the problems; a generation that cannot be parsed counts as a failure.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from smop.code.sandbox import Sandbox
+from smop.code.scoring import score_problems
 from smop.data.tasks import Task
 
 
@@ -74,14 +75,7 @@ class CodeScorer:
 def score(
     task: str, problems: list[dict[str, Any]], generations: list[list[str]], sandbox: dict[str, Any]
 ) -> tuple[list[list[Any]], dict[str, float]]:
-    """Each generation's outcome and pass@k, by smop.code (imported here: only a code task's evaluation needs it)."""
-    try:
-        from smop.code.sandbox import Sandbox
-        from smop.code.scoring import score_problems
-    except ImportError as err:
-        raise ImportError(
-            f"scoring {task} runs its generations with smop.code (the sandbox and pass@k), which is missing: {err}"
-        ) from err
+    """Each generation's outcome and pass@k, by smop.code."""
     with Sandbox(**sandbox) as box:
         return score_problems(task, problems, generations, box)
 
