@@ -1275,36 +1275,22 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
                 "ratios": compare(variants, cfg.benchmark.compare),
             }
         )
-    pipe = cfg.benchmark.pipeline
-    if pipe.enabled:
-        if pipe.variant not in bench.specs:
-            raise ValueError(f"benchmark.pipeline.variant={pipe.variant} is not among the variants run")
-        rows = rows_by_task.get(pipe.task) or task_rows(
-            cfg.benchmark,
-            pipe.task,
-            bench.tokenizer,
-            bench.estimate,
-            cfg.benchmark.max_length - bench.longest_prompt,
-            bench.vocab_high,
-            bench.architecture,
+
+    def rows_of(task: str) -> TaskRows:
+        budget = cfg.benchmark.max_length - bench.longest_prompt
+        return rows_by_task.get(task) or task_rows(
+            cfg.benchmark, task, bench.tokenizer, bench.estimate, budget, bench.vocab_high, bench.architecture
         )
-        console.log(f"data pipeline: {pipe.variant} on {pipe.task}")
-        report["pipeline"] = pipeline_comparison(bench, rows)
-    evaluation = cfg.benchmark.eval
-    if evaluation.enabled:
-        if evaluation.variant not in bench.specs:
-            raise ValueError(f"benchmark.eval.variant={evaluation.variant} is not among the variants run")
-        rows = rows_by_task.get(evaluation.task) or task_rows(
-            cfg.benchmark,
-            evaluation.task,
-            bench.tokenizer,
-            bench.estimate,
-            cfg.benchmark.max_length - bench.longest_prompt,
-            bench.vocab_high,
-            bench.architecture,
-        )
-        console.log(f"evaluation: {evaluation.variant} on {evaluation.task}, generate vs score")
-        report["eval"] = eval_comparison(bench, rows)
+
+    comparisons = {"pipeline": ("data pipeline", pipeline_comparison), "eval": ("generate vs score", eval_comparison)}
+    for key, (label, comparison) in comparisons.items():
+        part = cfg.benchmark[key]
+        if not part.enabled:
+            continue
+        if part.variant not in bench.specs:
+            raise ValueError(f"benchmark.{key}.variant={part.variant} is not among the variants run")
+        console.log(f"{label}: {part.variant} on {part.task}")
+        report[key] = comparison(bench, rows_of(part.task))
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))

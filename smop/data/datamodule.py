@@ -32,6 +32,7 @@ from smop.data.splits import (
     k_shot_part,
     smop_split,
     units,
+    with_test_alt,
 )
 from smop.data.synthetic import synthetic_mixture
 from smop.data.tasks import GENERATED, Task, check_train_targets, choose_template, each_gold, flatten, raw_label
@@ -396,6 +397,7 @@ class TaskDataModule(L.LightningDataModule):
             self.official_ranges,
             id_of,
         )
+        with_test_alt(parts, named, self._raw)
         parts["train"] = capped_part(parts["train"], self.max_train_records)
         if self.k_shot is not None:  # after the protocol's split: validation and test stay whole
             label_of = partial(raw_label, self.task)  # WinoGrande's class is its `answer`

@@ -123,22 +123,6 @@ def divide(
     check_protocol(protocol, named, task_name, official_ranges)
     if "all" in named:
         return divide_one_file(protocol, read("all"), official_ranges, id_of)
-    parts = _divide(protocol, dept_split, read, named, task_name, smop_rows, multirc)
-    used = {part.ids[0].split(":")[0] for part in parts.values() if part.ids}
-    if "validation_alt" in named and "validation_alt" not in used:
-        parts["test_alt"] = Part.of("validation_alt", read("validation_alt"))
-    return parts
-
-
-def _divide(
-    protocol: str,
-    dept_split: str,
-    read: Callable[[str], list[dict[str, Any]]],
-    named: set[str],
-    task_name: str,
-    smop_rows: Callable[[list[dict[str, Any]]], tuple[list[int], list[int]]],
-    multirc: bool,
-) -> dict[str, Part]:
     train = read("train")
     if protocol == "smop":
         kept, held = smop_rows(train)
@@ -194,6 +178,14 @@ def _divide(
         "val": Part.of(val_role, read(val_role)),
         "test": Part.of(test_role, read(test_role)),
     }
+
+
+def with_test_alt(parts: dict[str, Part], named: set[str], read: Callable[[str], list[dict[str, Any]]]) -> None:
+    """The task's other validation file (MNLI's mismatched) as a second test set, `test_alt`, when the protocol did
+    not validate on it."""
+    used = {part.ids[0].split(":")[0] for part in parts.values() if part.ids}
+    if "validation_alt" in named and "validation_alt" not in used:
+        parts["test_alt"] = Part.of("validation_alt", read("validation_alt"))
 
 
 def check_max_train_records(limit: Any) -> None:
