@@ -54,7 +54,8 @@ def dataset_options(task: str, **overrides: Any) -> dict[str, Any]:
     cfg = OmegaConf.load(CONFIGS / "dataset" / f"{task}.yaml")
     cfg.split_seed = 0  # ${seed} and ${dataset.name} need the full tree; set them here
     cfg.hub_config = task
-    options = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "epochs"}
+    resolved = OmegaConf.to_container(OmegaConf.create({"dataset": cfg}), resolve=True)["dataset"]  # its style
+    options = {k: v for k, v in resolved.items() if k not in ("epochs", "templates", "template_style")}
     return {**options, **overrides}
 
 

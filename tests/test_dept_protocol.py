@@ -14,6 +14,7 @@ from helpers import task_datamodule
 from omegaconf import OmegaConf
 from transformers import ByT5Tokenizer
 
+from smop.builders import build_datamodule
 from smop.checks import check_config
 from smop.data import TaskDataModule
 from smop.run import run
@@ -140,6 +141,31 @@ def test_dept_experiments_take_each_tasks_released_steps(make_cfg, experiment, t
         "google-t5/t5-base",
     )
     assert cfg.callbacks.early_stopping is None
+
+
+@pytest.mark.parametrize(
+    ("task", "smop", "dept"),
+    [
+        ("cb", "cb hyopthesis: {hypothesis}. premise: {premise}", "premise: {premise} hypothesis: {hypothesis}"),
+        ("boolq", "boolq passage: {passage} question: {question}", "question: {question} passage: {passage}"),
+        ("wic", "wic sentence1: {sentence1} sentence2: {sentence2} word: {word}", None),
+        ("multirc", "question: {question} answer: {answer}. paragraph: {paragraph}", None),
+        ("wsc", None, "text: {text}"),
+    ],
+)
+def test_superglue_tasks_take_depts_templates_and_label_ids_under_dept_superglue(make_cfg, task, smop, dept):
+    """SMoP's released strings stay the SuperGLUE default; experiment=dept_superglue switches every task of its grid
+    to DePT's (fields joined by spaces, the label id as the target)."""
+    default = make_cfg(f"dataset={task}")
+    depts = make_cfg("experiment=dept_superglue", f"dataset={task}", "dataset.source=sample")
+    check_config(depts)
+    assert depts.dataset.label_words[0] == "0" and (depts.dataset.template == dept or dept is None)
+    if smop is not None:
+        assert default.dataset.template == smop and default.dataset.label_words[0] != "0"
+    for cfg in (default, depts):
+        dm = build_datamodule(cfg, TOKENIZER, kind="seq2seq")
+        words = set(cfg.dataset.label_words)
+        assert {TOKENIZER.decode(row["labels"], skip_special_tokens=True) for row in dm.splits["test"]} == words
 
 
 def test_a_task_without_released_dept_steps_is_refused_by_name(make_cfg):

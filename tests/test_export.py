@@ -56,7 +56,9 @@ def train_runs(runs: dict[str, list[str]], tmp_path_factory) -> dict[str, tuple[
     with pytest.MonkeyPatch.context() as patch:
         built = []
         build_system = smop.run.build_system
-        patch.setattr(smop.run, "build_system", lambda *args: built.append(build_system(*args)) or built[-1])
+        patch.setattr(
+            smop.run, "build_system", lambda *args, **kwargs: built.append(build_system(*args, **kwargs)) or built[-1]
+        )
         for name, overrides in runs.items():
             out = tmp_path_factory.mktemp(name)
             assert smop.run.run(compose_config([*overrides, *FAST], out))["status"] == "completed"
