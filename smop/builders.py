@@ -41,7 +41,10 @@ def build_datamodule(
         tokenizer=tokenizer,
         prompt_length=cfg.method.get("prompt_length", 0),
         seed=cfg.seed,
-        encoder_tokenizer=encoder_tokenizer(cfg.method.get("encoder")),  # IDPG/LoPA with a separate encoder
+        # IDPG/LoPA with a separate encoder
+        encoder_tokenizer=encoder_tokenizer(
+            cfg.method.get("encoder"), remote_code=bool(cfg.method.get("encoder_remote_code", False))
+        ),
         causal=kind == CAUSAL,  # source and target as a causal LM reads them
         _convert_="all",
     )

@@ -227,6 +227,7 @@ RANGES: tuple[tuple[str, Spec], ...] = (
     ("method.weight_decay", spec(NON_NEGATIVE, when=reads("weight_decay"))),
     ("method.adam_eps", spec(POSITIVE, nullable=True, when=reads("adam_eps"), note="null: the optimizer's")),
     ("method.encoder_lr", spec(POSITIVE, nullable=True, when=reads("encoder_lr"), note="null: method.lr")),
+    ("method.encoder_remote_code", spec(Rule("bool"), when=reads("encoder_remote_code"), note="true or false")),
     ("method.shared_lr", spec(POSITIVE, nullable=True, when=reads("shared_lr"), note="null: method.lr")),
     ("method.lora.r", spec(integer(1))),
     ("method.lora.alpha", spec(POSITIVE)),

@@ -4,6 +4,8 @@ left truncation of the encoder's input and optimizer recipes (METHODS.md)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import string
 from pathlib import Path
 from types import SimpleNamespace
@@ -502,3 +504,42 @@ def test_the_deepspeed_recipe_warms_up_500_steps_decays_linearly_and_clips(make_
     assert [group["initial_lr"] for group in optimizer.param_groups] == ([0.1] if extra else []) + [1e-3]
     assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)
     assert factors == [0.0, 0.5, 1.0, 0.5, 0.0]  # 250/500 up, then (1000 - 750) / (1000 - 500) down
+
+
+CUSTOM_CONFIG = """from transformers import BertConfig
+
+
+class EmbedderConfig(BertConfig):
+    model_type = "smop-test-embedder"
+"""
+CUSTOM_MODEL = """from transformers import BertModel
+
+from .configuration_embedder import EmbedderConfig
+
+
+class Embedder(BertModel):
+    config_class = EmbedderConfig
+"""
+
+
+def test_a_custom_code_encoder_loads_only_when_its_code_is_trusted(make_cfg, encoders, tmp_path):
+    """A folder that ships the Python defining its model (as CodeSage's repositories do) is refused with the option
+    to set, then runs with method.encoder_remote_code=true and the L2-normalised pooler (CodeSage's pooling)."""
+    folder = tmp_path / "embedder"
+    shutil.copytree(encoders["bert"], folder)
+    (folder / "configuration_embedder.py").write_text(CUSTOM_CONFIG)
+    (folder / "modeling_embedder.py").write_text(CUSTOM_MODEL)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        model_type="smop-test-embedder",
+        architectures=["Embedder"],
+        auto_map={"AutoConfig": "configuration_embedder.EmbedderConfig", "AutoModel": "modeling_embedder.Embedder"},
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    base = ["method=lopa", f"method.encoder={folder}", "method.encoder_pooling=pooler", "trainer.fast_dev_run=true"]
+    with pytest.raises(ValueError, match=r"is a custom-code model .* set method.encoder_remote_code=true"):
+        encoder_tokenizer(str(folder))
+    trusted = make_cfg(*base, "method.encoder_remote_code=true", *SYNTHETIC)
+    system, _ = build(trusted)
+    assert type(system.prompt.encoder.model).__name__ == "Embedder" and system.prompt.encoder.pooling == "pooler"
+    assert run(trusted)["status"] == "completed"

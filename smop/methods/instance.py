@@ -95,18 +95,30 @@ def _unreachable(name: str, err: Exception) -> HubUnreachableError:
     )
 
 
-def encoder_tokenizer(name: str | None, max_length: int = ENCODER_MAX_LENGTH) -> PreTrainedTokenizerBase | None:
+def _load_error(name: str, err: Exception) -> Exception:
+    """A custom-code encoder (CodeSage) refused by transformers says so; anything else: the hub or the name."""
+    if "trust_remote_code" in str(err):
+        return ValueError(
+            f"method.encoder={name} is a custom-code model (its folder or hub repository ships the Python that defines "
+            "it, as CodeSage does): if you trust that code, set method.encoder_remote_code=true"
+        )
+    return _unreachable(name, err)
+
+
+def encoder_tokenizer(
+    name: str | None, max_length: int = ENCODER_MAX_LENGTH, remote_code: bool = False
+) -> PreTrainedTokenizerBase | None:
     """The separate encoder's tokenizer (None for `backbone` or no encoder). A long input keeps its END, as in the
     reference: it truncates on the left, special tokens kept, at `max_length` (512 ids: [CLS] + the last 510 tokens +
     [SEP] for RoBERTa/CodeBERT) or less where the encoder reads less: its tokenizer's limit or its position table
-    (many tokenizers saved without a limit say 1e30)."""
+    (many tokenizers saved without a limit say 1e30). `remote_code`: method.encoder_remote_code."""
     if name is None or name == BACKBONE:
         return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        config = AutoConfig.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote_code)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=remote_code)
     except (OSError, ValueError) as err:
-        raise _unreachable(name, err) from err
+        raise _load_error(name, err) from err
     limits = [max_length, tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)]
     tokenizer.model_max_length = min(limit for limit in limits if limit)
     tokenizer.truncation_side = "left"
@@ -137,14 +149,15 @@ class BackboneEncoder:
 
 
 class PretrainedEncoder(nn.Module):
-    """A transformers encoder (hub name or folder) over its own token ids, pooled; frozen unless `trainable`."""
+    """A transformers encoder (hub name or folder) over its own token ids, pooled; frozen unless `trainable`.
+    `remote_code`: the model's own Python code may run (custom-code encoders such as CodeSage)."""
 
-    def __init__(self, name: str, pooling: str, trainable: bool = False) -> None:
+    def __init__(self, name: str, pooling: str, trainable: bool = False, remote_code: bool = False) -> None:
         super().__init__()
         try:
-            model = AutoModel.from_pretrained(name)
+            model = AutoModel.from_pretrained(name, trust_remote_code=remote_code)
         except (OSError, ValueError) as err:
-            raise _unreachable(name, err) from err
+            raise _load_error(name, err) from err
         self.name, self.trainable = name, trainable
         self.model = model.get_encoder() if model.config.is_encoder_decoder else model
         self.width: int = model.config.hidden_size
@@ -205,6 +218,7 @@ class InstancePrompt(PromptModule):
         train_encoder: bool = False,
         encoder_lr: float | None = None,
         weight_decay: float | None = None,
+        encoder_remote_code: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -218,7 +232,7 @@ class InstancePrompt(PromptModule):
                 )
             self.encoder: BackboneEncoder | PretrainedEncoder = BackboneEncoder(backbone, pooling)
         else:
-            self.encoder = PretrainedEncoder(encoder, pooling, trainable=train_encoder)
+            self.encoder = PretrainedEncoder(encoder, pooling, train_encoder, encoder_remote_code)
             self.batch_inputs = ENCODER_INPUTS  # its own tokenizer's ids: the DataModule collates them
         self.length, self.encoder_lr, self.weight_decay = prompt_length, encoder_lr, weight_decay
 
@@ -271,8 +285,11 @@ class IDPG(InstancePrompt):
         encoder_lr: float | None = None,
         weight_decay: float | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        encoder_remote_code: bool = False,
     ) -> None:
-        super().__init__(backbone, prompt_length, encoder, pooling, train_encoder, encoder_lr, weight_decay)
+        super().__init__(
+            backbone, prompt_length, encoder, pooling, train_encoder, encoder_lr, weight_decay, encoder_remote_code
+        )
         self.d = embedding.embedding_dim
         self.mlp = generator(self.encoder.width, self.bottleneck(hidden_size), prompt_length * self.d, dropout)
 
@@ -302,8 +319,11 @@ class LoPA(InstancePrompt):
         encoder_lr: float | None = None,
         weight_decay: float | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        encoder_remote_code: bool = False,
     ) -> None:
-        super().__init__(backbone, prompt_length, encoder, pooling, train_encoder, encoder_lr, weight_decay)
+        super().__init__(
+            backbone, prompt_length, encoder, pooling, train_encoder, encoder_lr, weight_decay, encoder_remote_code
+        )
         d, width, hidden = embedding.embedding_dim, self.encoder.width, self.bottleneck(hidden_size)
         self.shared = nn.Parameter(init_prompt(prompt_length, embedding, init, tokenizer, init_text))  # Z_S
         self.rows = generator(width, hidden, prompt_length * rank, dropout)  # u: m x r
