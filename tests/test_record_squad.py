@@ -98,10 +98,10 @@ def test_an_unknown_template_style_is_refused_naming_the_styles(make_cfg):
     assert cfg.dataset.template is None  # the interpolation leaves null, the check names the styles
     with pytest.raises(ValueError, match=r"template_style=plain for record is not one of: dept, fpt"):
         check_config(cfg)
-    with pytest.raises(ValueError, match=r"boolq has no template styles \(dataset.templates\)"):
-        datamodule("boolq", template_style="fpt")
+    with pytest.raises(ValueError, match=r"cola has no template styles \(dataset.templates\)"):
+        datamodule("cola", template_style="fpt")
     check_config(make_cfg("dataset=record", "dataset.template_style=fpt"))
-    assert make_cfg("dataset=boolq").dataset.template == datamodule("boolq").task.template  # others unchanged
+    assert make_cfg("dataset=cola").dataset.template == datamodule("cola").task.template  # others unchanged
 
 
 def test_training_has_a_row_per_unique_answer_and_evaluation_a_row_per_question():
