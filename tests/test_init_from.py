@@ -73,7 +73,9 @@ def test_released_dept_folder_loads_with_its_m_r_s_bit_equal(tmp_path):
 def test_train_false_evaluates_the_released_prompt(tmp_path, monkeypatch):
     built = []
     build = smop.run.build_system
-    monkeypatch.setattr(smop.run, "build_system", lambda *args: built.append(build(*args)) or built[-1])
+    monkeypatch.setattr(
+        smop.run, "build_system", lambda *args, **kwargs: built.append(build(*args, **kwargs)) or built[-1]
+    )
     cfg = compose_config([*DEPT, *T5_768, "train=false", "callbacks=none", "dataset.eval_batch_size=24"], tmp_path)
     check_config(cfg)  # train=false needs no ckpt_path with init_from
     results = smop.run.run(cfg)
