@@ -72,9 +72,10 @@ class PromptTuningSystem(L.LightningModule):
         eval_mode: str = "generate",
         compile_options: dict[str, Any] | None = None,
     ) -> None:
-        """`decoding`, `sandbox`: how a code task's evaluation samples its generations (from generators seeded by
-        `seed` and each batch's first example: reproducible) and runs them (smop.code.evaluation). `compile_options`:
-        torch.compile's backend, mode and dynamic for the training step (None: not compiled)."""
+        """`decoding`, `sandbox`: how a code task's evaluation samples its generations (keyed by `seed` and each
+        problem's row: the same samples at any batch size or number of devices) and runs them
+        (smop.code.evaluation). `compile_options`: torch.compile's backend, mode and dynamic for the training step
+        (None: not compiled)."""
         super().__init__()
         check_eval_mode(eval_mode, task.target, task.name)
         self.save_hyperparameters(config or {})  # the plain resolved config: loads with weights_only=True
@@ -174,13 +175,15 @@ class PromptTuningSystem(L.LightningModule):
         inputs: Mapping[str, Tensor] = NO_INPUTS,
         decoding: Decoding | None = None,
         generator: torch.Generator | None = None,
+        keys: Tensor | None = None,
     ) -> tuple[list[str], PromptOutput | None]:
         """The new text of each row (greedy unless `decoding` samples; num_return_sequences n gives B * n texts, rows
-        i*n .. i*n+n-1 for example i), cut before the first stop string; and the prompt output."""
+        i*n .. i*n+n-1 for example i), cut before the first stop string; and the prompt output. Sampled draws come
+        from each example's key in `keys` when given (the same whatever the batch), else from `generator`."""
         decoding = decoding or Decoding()
         embeds, mask, out = self.encoder_inputs(input_ids, attention_mask, inputs)
         generated = self.kind.generate(
-            self.backbone, embeds, mask, self.max_new_tokens, self.tokenizer, decoding, generator
+            self.backbone, embeds, mask, self.max_new_tokens, self.tokenizer, decoding, generator, keys
         )
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return truncate_at_stop(texts, decoding.stop), out
@@ -251,10 +254,10 @@ class PromptTuningSystem(L.LightningModule):
     def _eval_step(self, split: str, batch: dict[str, Tensor]) -> None:
         inputs = (batch["input_ids"], batch["attention_mask"], self.prompt_inputs(batch))
         if self.code_scorer is not None:  # n samples per problem, run at the epoch's end
-            positions = batch["group"].tolist()
-            generator = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + positions[0])
-            texts, out = self.generate_texts(*inputs, decoding=self.decoding, generator=generator)
-            self.code_scorer.add(positions, batch["problems"], texts)
+            positions = batch["group"]  # each problem's row in its split: its samples' key with the run's seed
+            keys = positions.long() + self.seed * 1_000_003
+            texts, out = self.generate_texts(*inputs, decoding=self.decoding, keys=keys)
+            self.code_scorer.add(positions.tolist(), batch["problems"], texts)
             self._count_routes(split, out)
             return
         if self.task.target == "number":  # the generated number against the gold value

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, compose_config
 from helpers import task_datamodule
 
 import smop.code.evaluation
@@ -277,3 +277,15 @@ def test_tiny_offline_code_run_trains_generates_and_scores(make_cfg, task, tmp_p
     passed = [p for line in written for p in line["passed"]]
     assert results["metrics"]["test"]["pass@1"] == pytest.approx(sum(passed) / len(passed))
     assert all(line["reasons"] and all(isinstance(r, str) and r for r in line["reasons"]) for line in written)
+
+
+def test_sampled_generations_do_not_depend_on_the_evaluation_batch_size(tmp_path):
+    """Each problem samples by its own key (run seed, its row): the same completions at eval batch 8 and 5, which
+    puts every problem in another batch with other neighbours and other padding."""
+    written = {}
+    for size in (8, 5):
+        folder = tmp_path / f"batch{size}"
+        overrides = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", f"dataset.eval_batch_size={size}"]
+        assert run(compose_config(["dataset=mbpp", *TINY, *overrides], folder))["status"] == "completed"
+        written[size] = {line["problem_id"]: line["generations"] for line in lines(folder / "generations_test.jsonl")}
+    assert written[8] == written[5] and len(written[8]) == 60

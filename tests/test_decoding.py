@@ -17,6 +17,7 @@ from smop.backbones.decoding import (
     Decoding,
     DecodingError,
     check_generation,
+    next_token,
     reached_stop,
     top_p_filter,
     truncate_at_stop,
@@ -225,3 +226,38 @@ def test_seq2seq_sampling_is_not_limited_to_transformers_default_top_50(t5):
         logits = t5(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=torch.zeros(1, 1, dtype=torch.long))
     ranks = logits.logits[0, -1].argsort(descending=True).argsort()
     assert int(ranks[first].max()) >= 50
+
+
+# --- keyed sampling: a row's draws are its own, whatever the batch ------------------------------------------------
+def test_keyed_draws_follow_the_nucleus_filtered_distribution():
+    """Gumbel-max over noise keyed by (row, step) is a draw from softmax(logits / T) within the nucleus: 40,000
+    rows of the same logits land on each token at its probability, never outside the nucleus, and the same key
+    draws the same token."""
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0]).repeat(40_000, 1)
+    decoding = Decoding(do_sample=True, temperature=0.8, top_p=0.9)
+    keys = torch.arange(40_000)
+    drawn = next_token(logits, decoding, keys=keys, step=3)
+    probs = top_p_filter(logits[0] / 0.8, 0.9).softmax(-1)
+    frequencies = torch.bincount(drawn, minlength=5).double() / len(drawn)
+    assert torch.allclose(frequencies, probs.double(), atol=0.01) and bool(frequencies[probs == 0].eq(0).all())
+    assert torch.equal(next_token(logits, decoding, keys=keys, step=3), drawn)
+    assert not torch.equal(next_token(logits, decoding, keys=keys, step=4), drawn)  # another step, other draws
+
+
+def test_keyed_sampling_gives_each_example_the_same_continuations_in_any_batch(causal, t5):
+    """A code task's samples do not depend on dataset.eval_batch_size or the number of devices: each example's n
+    continuations, decoded with the others or alone, are the same tokens (seq2seq and causal kinds)."""
+    decoding, n = Decoding(do_sample=True, temperature=1.5, num_return_sequences=2), 2
+    keys = torch.tensor([11, 12, 13])
+    with torch.no_grad():
+        for kind, backbone in ((CausalKind(), causal), (Seq2SeqKind(), t5)):
+            embeds, mask = prompted(backbone, SOURCES)
+            together = kind.generate(backbone, embeds, mask, 6, TOKENIZER, decoding, keys=keys)
+            for i, source in enumerate(SOURCES):
+                single = prompted(backbone, [source])
+                alone = kind.generate(backbone, *single, 6, TOKENIZER, decoding, keys=keys[i : i + 1])
+                width = alone.shape[1]
+                assert torch.equal(together[i * n : (i + 1) * n, :width], alone), (kind.name, i)
+                assert bool(together[i * n : (i + 1) * n, width:].eq(PAD).all())  # finished rows: padding after
+            other = kind.generate(backbone, embeds, mask, 6, TOKENIZER, decoding, keys=keys + 100)
+            assert not torch.equal(other, together)  # other keys, other samples

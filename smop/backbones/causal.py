@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from smop.backbones.decoding import Decoding, check_generation, next_token, reached_stop
+from smop.backbones.decoding import Decoding, check_generation, continuation_keys, next_token, reached_stop
 from smop.backbones.scoring import expand, sequence_log_likelihood
 
 IGNORE = -100
@@ -90,11 +90,13 @@ class CausalKind:
         tokenizer: PreTrainedTokenizerBase | None = None,
         decoding: Decoding | None = None,
         generator: torch.Generator | None = None,
+        keys: Tensor | None = None,
     ) -> Tensor:
         """Decoding with the KV cache from [padding ; P ; E[source]]: the new tokens only, [B * n, <= max_new_tokens]
         with n = decoding.num_return_sequences (rows i*n .. i*n+n-1 continue example i). Greedy unless
-        decoding.do_sample (then drawn from `generator` when given). A row that has produced EOS, or whose new text
-        contains a stop string, continues with padding."""
+        decoding.do_sample (then drawn by each example's key in `keys` when given, whatever the batch; else from
+        `generator` when given). A row that has produced EOS, or whose new text contains a stop string, continues
+        with padding."""
         decoding = decoding or Decoding()
         check_generation(max_new_tokens, decoding, tokenizer)
         eos = tokenizer.eos_token_id if tokenizer is not None else backbone.config.eos_token_id
@@ -108,9 +110,10 @@ class CausalKind:
         out = backbone(inputs_embeds=sequence, attention_mask=sequence_mask, position_ids=positions, use_cache=True)
         keyword, next_position = cache_keyword(backbone), positions[:, -1:] + 1
         done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+        rows = continuation_keys(keys, decoding.num_return_sequences) if keys is not None else None
         tokens = []
         for step in range(max_new_tokens):
-            token = next_token(out.logits[:, -1], decoding, generator).masked_fill(done, pad)
+            token = next_token(out.logits[:, -1], decoding, generator, rows, step).masked_fill(done, pad)
             tokens.append(token)
             done = done | token.eq(eos)
             if decoding.stop:

@@ -91,12 +91,53 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(outside, float("-inf"))
 
 
-def next_token(logits: Tensor, decoding: Decoding, generator: torch.Generator | None = None) -> Tensor:
+# splitmix64's constants as int64 (torch's int64 arithmetic wraps): a counter-based generator, so that a row's draws
+# are a function of its own key and the step alone, not of the batch it is decoded in
+_GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
+
+
+def _shift(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """splitmix64's finaliser: every output bit depends on every input bit."""
+    x = (x ^ _shift(x, 30)) * _MIX1
+    x = (x ^ _shift(x, 27)) * _MIX2
+    return x ^ _shift(x, 31)
+
+
+def continuation_keys(keys: Tensor, n: int) -> Tensor:
+    """[B] example keys -> [B * n] keys of their continuations, rows i*n .. i*n+n-1 for example i."""
+    j = torch.arange(n, device=keys.device).repeat(keys.shape[0])
+    return _mix(keys.long().repeat_interleave(n) * _GOLDEN + j)
+
+
+def keyed_gumbel(keys: Tensor, step: int, vocab: int) -> Tensor:
+    """[R, V] standard Gumbel noise, a pure function of each row's key, the step and the token id."""
+    base = _mix(keys.long() * _GOLDEN + step)
+    bits = _mix(base[:, None] + torch.arange(vocab, device=keys.device) * _GOLDEN)
+    uniform = (_shift(bits, 11).double() + 0.5) / 2**53  # 53 random bits, strictly inside (0, 1)
+    return -torch.log(-torch.log(uniform)).float()
+
+
+def next_token(
+    logits: Tensor,
+    decoding: Decoding,
+    generator: torch.Generator | None = None,
+    keys: Tensor | None = None,
+    step: int = 0,
+) -> Tensor:
     """[B, V] logits -> [B] tokens: the argmax when greedy; else one draw per row from the temperature-scaled,
-    nucleus-filtered distribution (from `generator`, on the logits' device, when given: reproducible)."""
+    nucleus-filtered distribution. With `keys` (one int64 per row) the draw is Gumbel-max over noise keyed by (row
+    key, step): the same row draws the same tokens in any batch, at any batch size or world size. Else from
+    `generator` (on the logits' device) when given: reproducible for the same batches."""
     if not decoding.do_sample:
         return logits.argmax(-1)
     scaled = top_p_filter(logits.float() / decoding.temperature, decoding.top_p)
+    if keys is not None:
+        return (scaled + keyed_gumbel(keys, step, scaled.shape[-1]).to(scaled.device)).argmax(-1)
     return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(1)
 
 

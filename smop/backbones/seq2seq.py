@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase, T5Config
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase, T5Config
 from transformers.modeling_outputs import BaseModelOutput
 
-from smop.backbones.decoding import Decoding, check_generation, global_rng_from
+from smop.backbones.decoding import Decoding, check_generation, continuation_keys, global_rng_from, next_token
 from smop.backbones.scoring import expand, sequence_log_likelihood
 
 
@@ -27,6 +27,19 @@ def generate_options(decoding: Decoding, tokenizer: PreTrainedTokenizerBase | No
     if decoding.stop:
         options.update(stop_strings=list(decoding.stop), tokenizer=tokenizer)
     return options
+
+
+class KeyedSampling(LogitsProcessor):
+    """transformers' greedy search made a keyed sampler: each row's scores become its keyed Gumbel-max draw (one-hot),
+    so the argmax greedy search takes is the draw of smop.backbones.decoding.next_token with that row's key. The
+    step is the number of tokens generated so far (the decoder's ids after its start token)."""
+
+    def __init__(self, decoding: Decoding, keys: Tensor) -> None:
+        self.decoding, self.keys = decoding, keys
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        token = next_token(scores, self.decoding, keys=self.keys, step=input_ids.shape[1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token[:, None], 0.0)
 
 
 class Seq2SeqKind:
@@ -48,14 +61,30 @@ class Seq2SeqKind:
         tokenizer: PreTrainedTokenizerBase | None = None,
         decoding: Decoding | None = None,
         generator: torch.Generator | None = None,
+        keys: Tensor | None = None,
     ) -> Tensor:
         """Decoding from the encoder input: the decoder's tokens only (its start token included), [B * n, ...] with
-        rows i*n .. i*n+n-1 for example i. Greedy unless decoding.do_sample; transformers' generate draws from the
-        global RNG, which a `generator` seeds for this call only (so its samples are reproducible, not the same
+        rows i*n .. i*n+n-1 for example i. Greedy unless decoding.do_sample; with `keys` (one per example) each
+        continuation draws by its own key whatever the batch (KeyedSampling); else transformers' generate draws from
+        the global RNG, which a `generator` seeds for this call only (so its samples are reproducible, not the same
         draws as the causal kind's). Stop strings are transformers' own: matched on the tokens' vocabulary strings
         (special tokens included), which for real text stops where the causal kind's decoded-text check does."""
         decoding = decoding or Decoding()
         check_generation(max_new_tokens, decoding, tokenizer)
+        if keys is not None and decoding.do_sample:
+            n = decoding.num_return_sequences
+            options = {
+                k: v for k, v in generate_options(decoding, tokenizer).items() if k in ("stop_strings", "tokenizer")
+            }
+            return backbone.generate(
+                inputs_embeds=embeds.repeat_interleave(n, dim=0),
+                attention_mask=mask.repeat_interleave(n, dim=0),
+                num_beams=1,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                logits_processor=LogitsProcessorList([KeyedSampling(decoding, continuation_keys(keys, n))]),
+                **options,
+            )
         with global_rng_from(generator, embeds.device):
             return backbone.generate(
                 inputs_embeds=embeds,
