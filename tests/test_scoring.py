@@ -10,7 +10,7 @@ from helpers import SYNTHETIC, build_with_data, fit_fixed_batch
 from smop.checks import check_config
 from smop.run import run
 
-MODELS = ["t5-tiny", "llama-tiny"]
+MODELS = ["t5-tiny", "llama-tiny", "gpt2-tiny"]
 
 
 def trained(make_cfg, model: str, steps: int = 40):

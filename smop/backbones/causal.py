@@ -133,12 +133,29 @@ class CausalKind:
 
     @torch.no_grad()
     def label_log_likelihoods(self, backbone: nn.Module, embeds: Tensor, mask: Tensor, candidates: Tensor) -> Tensor:
-        """[B, C] log p(label word c | [P ; source b]), EOS included: one teacher-forced pass over B x C rows, each
-        [padding ; P ; E[source] ; E[label word]] as in training (`candidates`: [C, t] ids, -100-padded)."""
+        """[B, C] log p(label word c | [P ; source b]), EOS included (`candidates`: [C, t] ids, -100-padded): the
+        source once, its KV cache repeated C times, then every example's C label words in one pass over it. The
+        same positions and masks as the teacher-forced sequence [padding ; P ; E[source] ; E[label word]] of
+        training, whose label padding comes after the real tokens and is masked."""
         rows, count = embeds.shape[0], candidates.shape[0]
+        order = left_aligned(mask)
+        sequence, sequence_mask = take(embeds, order), take(mask, order)
+        positions = position_ids(sequence_mask)
+        out = backbone(inputs_embeds=sequence, attention_mask=sequence_mask, position_ids=positions, use_cache=True)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        cache.batch_repeat_interleave(count)
         labels = expand(rows, candidates)
-        repeated = embeds.repeat_interleave(count, dim=0), mask.repeat_interleave(count, dim=0)
-        logits = self._logits(backbone, *repeated, labels)
+        real = labels.ne(IGNORE)
+        steps = torch.arange(labels.shape[1], device=labels.device)
+        label_out = backbone(
+            input_ids=labels.masked_fill(~real, 0),
+            attention_mask=torch.cat([sequence_mask.repeat_interleave(count, dim=0), real.long()], dim=1),
+            position_ids=positions[:, -1:].repeat_interleave(count, dim=0) + 1 + steps,
+            use_cache=False,
+            **{cache_keyword(backbone): cache},
+        )
+        first = out.logits[:, -1:].repeat_interleave(count, dim=0)  # predicts each label word's first token
+        logits = torch.cat([first, label_out.logits[:, :-1]], dim=1)
         return sequence_log_likelihood(logits, labels).view(rows, count)
 
     def inference_logits(self, backbone: nn.Module, embeds: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
