@@ -17,36 +17,41 @@ from typing import Any
 Row = tuple[str, dict[str, Any]]  # (JSON path, the hub's row)
 
 
-def _get(node: Any, key: str, kind: type, where: str) -> Any:
+def json_field(node: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """`node[key]`, checked to be of `kind` (a bool is not an int here), or an error naming where it is: the official
+    documents (SQuAD) and lines (ReCoRD) name a bad record by its JSON path."""
     if not isinstance(node, dict):
         raise ValueError(f"{where} is not a JSON object")
     if key not in node:
         raise ValueError(f"{where} has no {key!r}; it holds {sorted(node)}")
     value = node[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ValueError(f"{where}.{key}={value!r} is not a {kind.__name__}")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+        raise ValueError(f"{where}.{key}={value!r} is not a {' or '.join(k.__name__ for k in kinds)}")
     return value
 
 
 def squad_rows(document: Any) -> Iterator[Row]:
     """SQuAD's article > paragraph > question nesting as flat rows, each with its JSON path."""
-    for a, article in enumerate(_get(document, "data", list, "the document")):
-        title = _get(article, "title", str, f"data[{a}]")
-        for p, paragraph in enumerate(_get(article, "paragraphs", list, f"data[{a}]")):
+    for a, article in enumerate(json_field(document, "data", list, "the document")):
+        title = json_field(article, "title", str, f"data[{a}]")
+        for p, paragraph in enumerate(json_field(article, "paragraphs", list, f"data[{a}]")):
             where = f"data[{a}].paragraphs[{p}]"
-            context = _get(paragraph, "context", str, where)
-            for q, qa in enumerate(_get(paragraph, "qas", list, where)):
+            context = json_field(paragraph, "context", str, where)
+            for q, qa in enumerate(json_field(paragraph, "qas", list, where)):
                 path = f"{where}.qas[{q}]"
-                answers = _get(qa, "answers", list, path)
-                texts = [_get(answer, "text", str, f"{path}.answers[{i}]") for i, answer in enumerate(answers)]
-                starts = [_get(answer, "answer_start", int, f"{path}.answers[{i}]") for i, answer in enumerate(answers)]
+                answers = json_field(qa, "answers", list, path)
+                texts = [json_field(answer, "text", str, f"{path}.answers[{i}]") for i, answer in enumerate(answers)]
+                starts = [
+                    json_field(answer, "answer_start", int, f"{path}.answers[{i}]") for i, answer in enumerate(answers)
+                ]
                 if qa.get("is_impossible") and answers:
                     raise ValueError(f"{path} is_impossible but has {len(answers)} answer(s)")
                 row = {
-                    "id": _get(qa, "id", str, path),
+                    "id": json_field(qa, "id", str, path),
                     "title": title,
                     "context": context,
-                    "question": _get(qa, "question", str, path),
+                    "question": json_field(qa, "question", str, path),
                     "answers": {"text": texts, "answer_start": starts},
                 }
                 yield path, row

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from smop.data.official import json_field
+
 # a highlight after end punctuation keeps it (`Win!\n@highlight\nNext` -> `Win! Next`); any other becomes ". "
 _CLOSED_HIGHLIGHT = re.compile(r"([.?!\"'])\n@highlight\n")
 _HIGHLIGHT = re.compile(r"\n@highlight\n")
@@ -34,21 +36,11 @@ def unique(texts: list[str]) -> list[str]:
     return list(dict.fromkeys(texts))
 
 
-def _need(record: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in record:
-        raise ValueError(f"{where} has no field {key!r}; it holds {sorted(record)}")
-    value = record[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ValueError(f"{where}.{key}={value!r} is not a {name}")
-    return value
-
-
 def _span(text: str, item: Any, where: str) -> tuple[int, int]:
     """An entity's or answer's inclusive offsets, checked against the passage."""
     if not isinstance(item, dict):
         raise ValueError(f"{where}={item!r} is not an object with start and end")
-    start, end = _need(item, "start", int, where), _need(item, "end", int, where)
+    start, end = json_field(item, "start", int, where), json_field(item, "end", int, where)
     if not 0 <= start <= end < len(text):
         raise ValueError(f"{where} has start={start}, end={end} outside the {len(text)}-character passage")
     return start, end
@@ -57,24 +49,26 @@ def _span(text: str, item: Any, where: str) -> tuple[int, int]:
 def nested_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     """One official SuperGLUE line (a passage and its questions) as the hub's rows, one per question: entities are the
     passage's spans `text[start:end + 1]`, de-duplicated in order; answers are their unique texts, in order."""
-    passage = _need(record, "passage", dict, "the record")
-    text = _need(passage, "text", str, "passage")
-    items = _need(passage, "entities", list, "passage")
+    passage = json_field(record, "passage", dict, "the record")
+    text = json_field(passage, "text", str, "passage")
+    items = json_field(passage, "entities", list, "passage")
     spans = [_span(text, item, f"passage.entities[{i}]") for i, item in enumerate(items)]
     entities = unique([text[start : end + 1] for start, end in spans])
     rows = []
-    for number, question in enumerate(_need(record, "qas", list, "the record")):
+    for number, question in enumerate(json_field(record, "qas", list, "the record")):
         where = f"qas[{number}]"
         if not isinstance(question, dict):
             raise ValueError(f"{where} is not an object")
-        answers = _need(question, "answers", list, where) if "answers" in question else []  # the test file has none
+        answers = (
+            json_field(question, "answers", list, where) if "answers" in question else []
+        )  # the test file has none
         if not all(isinstance(answer, dict) for answer in answers):
             raise ValueError(f"{where}.answers={answers!r}: give objects with start, end and text")
-        texts = [_need(answer, "text", str, f"{where}.answers[{i}]") for i, answer in enumerate(answers)]
+        texts = [json_field(answer, "text", str, f"{where}.answers[{i}]") for i, answer in enumerate(answers)]
         rows.append(
             {
                 "passage": text,
-                "query": _need(question, "query", str, where),
+                "query": json_field(question, "query", str, where),
                 "entities": entities,
                 "entity_spans": {
                     "text": [text[start : end + 1] for start, end in spans],
@@ -101,10 +95,10 @@ def hub_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     """A record of either layout as the hub's rows (a hub row: itself, its fields checked)."""
     if is_nested(record):
         return nested_rows(record)
-    _need(record, "passage", str, "the record")
-    _need(record, "query", str, "the record")
-    entities = _need(record, "entities", list, "the record")
-    answers = _need(record, "answers", list, "the record") if "answers" in record else []  # inputs to label
+    json_field(record, "passage", str, "the record")
+    json_field(record, "query", str, "the record")
+    entities = json_field(record, "entities", list, "the record")
+    answers = json_field(record, "answers", list, "the record") if "answers" in record else []  # inputs to label
     for key, values in (("entities", entities), ("answers", answers)):
         if not all(isinstance(value, str) for value in values):
             raise ValueError(f"{key}={values!r}: give a list of strings")
