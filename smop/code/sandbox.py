@@ -101,11 +101,9 @@ class _Worker:
                 stream.close()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # a dead or stuck worker is killed below
             self.process.stdin.close()  # the worker's loop ends, it removes its folder
             self.process.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
         self.kill()
 
 

@@ -249,7 +249,7 @@ def kill_everything(group: int) -> bool:
             os.killpg(group, signal.SIGKILL)
         try:
             while os.waitpid(-1, os.WNOHANG)[0]:
-                pass
+                continue  # reap every child that has exited; 0: some are still running
         except ChildProcessError:
             return True
         for pid in children(os.getpid()):
@@ -262,12 +262,10 @@ def kill_everything(group: int) -> bool:
 
 def remove_tree(folder: str) -> None:
     def make_writable_and_retry(function, path, _exc):  # the program may have chmod-ed its files
-        try:
+        with contextlib.suppress(OSError):  # what still resists is left to the system's /dev/shm or /tmp cleaning
             os.chmod(os.path.dirname(path), 0o700)
             os.chmod(path, 0o700)
             function(path)
-        except OSError:
-            pass
 
     shutil.rmtree(folder, onerror=make_writable_and_retry)
 
@@ -287,11 +285,9 @@ def verdict(status: bytes, result: bytes, nonce: str) -> tuple[bool, str]:
         return False, f"exit code {os.WEXITSTATUS(code)}"
     start = result.find(b'{"nonce": "' + nonce.encode() + b'"')  # whatever the program wrote before it
     if start >= 0:
-        try:
+        with contextlib.suppress(ValueError, KeyError):  # a garbled report counts as no report
             message, _ = json.JSONDecoder().raw_decode(result[start:].decode("utf-8", "replace"))
             return bool(message["passed"]), str(message["reason"])[:REASON_CHARS]
-        except (ValueError, KeyError):
-            pass
     return False, "exited before the end (os._exit, or its report was lost)"
 
 
