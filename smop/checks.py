@@ -10,7 +10,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from smop.data.sources import DEFAULT_SPLITS, SOURCES, check_official, file_aliases, split_file
-from smop.data.splits import PROTOCOLS, check_k_shot, check_max_train_records, check_protocol
+from smop.data.splits import check_k_shot, check_max_train_records, check_protocol
 from smop.data.tasks import check_train_targets, choose_template
 from smop.validation import check_ranges
 
@@ -103,12 +103,11 @@ def check_config(cfg: DictConfig, router_name: str | None = None) -> None:
             except FileNotFoundError as err:
                 skip = f" (or leave it out: dataset.splits.{role}=null)" if role == "validation_alt" else ""
                 raise FileNotFoundError(f"dataset.data_dir={data.data_dir}: {err}{skip}") from err
-    protocol = data.get("split_protocol", "smop")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"dataset.split_protocol={protocol} is not one of: {', '.join(PROTOCOLS)}")
-    if data.source != "synthetic":
-        named_roles = {k for k, v in dict(data.get("splits") or {}).items() if v} | set(DEFAULT_SPLITS)
-        check_protocol(protocol, named_roles, data.name, data.get("official_ranges"))
+    named_roles = {k for k, v in dict(data.get("splits") or {}).items() if v} | set(DEFAULT_SPLITS)
+    synthetic = data.source == "synthetic"
+    check_protocol(
+        data.get("split_protocol", "smop"), None if synthetic else named_roles, data.name, data.get("official_ranges")
+    )
     if data.get("decoding"):
         check_decoding(data.decoding)
     check_k_shot(data.get("k_shot"), data.name, data.get("target", "labels"), data.get("format", "flat"))

@@ -30,6 +30,7 @@ from smop.code.passk import allowed_ks, mean_pass_at_k
 from smop.code.programs import TASKS, mbpp_program
 from smop.code.sandbox import Outcome, Sandbox
 from smop.code.scoring import score_problems
+from smop.jsonl import json_lines
 
 OPTIONS = ("task", "generations", "data", "timeout", "workers", "memory_mb", "postprocess")
 OFFICIAL_DATA = {
@@ -68,17 +69,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{path}:{number}: not JSON ({err.msg}, column {err.colno})") from None
+    try:
+        for number, row in json_lines(path):
             if not isinstance(row, dict):
                 raise UsageError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
+    except UsageError:
+        raise
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     return rows
 
 

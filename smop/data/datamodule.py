@@ -22,7 +22,6 @@ from smop.data.sources import (
     load_split_records,
 )
 from smop.data.splits import (
-    PROTOCOLS,
     capped_part,
     check_k_shot,
     check_max_train_records,
@@ -304,10 +303,8 @@ class TaskDataModule(L.LightningDataModule):
         unknown = sorted(set(self.split_names) - set(SPLIT_ROLES))
         if unknown:
             raise ValueError(f"dataset.splits has {unknown}; it names the hub file of: {', '.join(SPLIT_ROLES)}")
-        if split_protocol not in PROTOCOLS:
-            raise ValueError(f"dataset.split_protocol={split_protocol} is not one of: {', '.join(PROTOCOLS)}")
-        if source != "synthetic":
-            check_protocol(split_protocol, set(self.split_names), name, official_ranges)
+        named = None if source == "synthetic" else set(self.split_names)
+        check_protocol(split_protocol, named, name, official_ranges)
         self.split_protocol, self.dept_split = split_protocol, dept_split
         self.split_files, self.sample_folder = dict(split_files or {}), sample_folder
         self.official_ranges, self.id_field = (dict(official_ranges) if official_ranges else None), id_field

@@ -9,13 +9,13 @@ one was meant is not for us to guess."""
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from smop.data.official import check_official_format, read_document
 from smop.data.tasks import Task, check_fields, flatten, hub_layout
+from smop.jsonl import json_lines
 
 SOURCES = ("sample", "dir", "hub", "synthetic")
 SUFFIXES = (".jsonl", ".json", ".parquet")  # .json: JSON lines, as the hub's exports write them
@@ -103,16 +103,7 @@ def read_records(path: Path, task: Task, official_format: str | None = None) -> 
         rows = pq.read_table(path).to_pylist()
         records = [_checked(task, f"{path}: row {number}", row) for number, row in enumerate(rows, start=1)]
     else:
-        records = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as err:
-                    raise ValueError(f"{path}:{number}: malformed {task.name} record: {err}") from err
-                records.append(_checked(task, f"{path}:{number}", record))
+        records = [_checked(task, f"{path}:{number}", record) for number, record in json_lines(path)]
     if not records:
         raise ValueError(f"{path}: no records")
     return [row for record in records for row in hub_layout(task, record)]

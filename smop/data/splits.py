@@ -204,12 +204,15 @@ def capped_part(part: Part, limit: int | None) -> Part:
 
 
 def check_protocol(
-    protocol: str, named: set[str], task_name: str, official_ranges: dict[str, list[int]] | None = None
+    protocol: str, named: set[str] | None, task_name: str, official_ranges: dict[str, list[int]] | None = None
 ) -> None:
     """A protocol the task's files allow: lopa and official (by id ranges) for one file of every problem, the others
-    for files by split; refused naming the ones that fit."""
+    for files by split; refused naming the ones that fit. `named` None (generated data, its own splits): the name
+    alone is checked."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"dataset.split_protocol={protocol} is not one of: {', '.join(PROTOCOLS)}")
+    if named is None:
+        return
     one_file = "all" in named
     if one_file and protocol not in ONE_FILE_PROTOCOLS:
         raise ValueError(

@@ -213,8 +213,8 @@ class InstancePrompt(PromptModule):
         self,
         backbone: nn.Module,
         prompt_length: int,
-        encoder: str,
-        pooling: str,
+        encoder: str = BACKBONE,
+        pooling: str = "auto",
         train_encoder: bool = False,
         encoder_lr: float | None = None,
         weight_decay: float | None = None,
@@ -279,17 +279,12 @@ class IDPG(InstancePrompt):
         prompt_length: int = 10,
         hidden_size: int | None = None,
         dropout: float = 0.1,
-        encoder: str = BACKBONE,
-        pooling: str = "auto",
-        train_encoder: bool = False,
-        encoder_lr: float | None = None,
-        weight_decay: float | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
-        encoder_remote_code: bool = False,
+        **encoder_options: Any,
     ) -> None:
-        super().__init__(
-            backbone, prompt_length, encoder, pooling, train_encoder, encoder_lr, weight_decay, encoder_remote_code
-        )
+        """`encoder_options`: InstancePrompt's encoder, pooling, train_encoder, encoder_lr, weight_decay and
+        encoder_remote_code (the method config's keys of the same meaning)."""
+        super().__init__(backbone, prompt_length, **encoder_options)
         self.d = embedding.embedding_dim
         self.mlp = generator(self.encoder.width, self.bottleneck(hidden_size), prompt_length * self.d, dropout)
 
@@ -310,20 +305,14 @@ class LoPA(InstancePrompt):
         rank: int = 4,
         hidden_size: int | None = None,
         dropout: float = 0.1,
-        encoder: str = BACKBONE,
-        pooling: str = "auto",
         init: str = "random",
         init_text: str | None = None,
         shared_lr: float | None = None,
-        train_encoder: bool = False,
-        encoder_lr: float | None = None,
-        weight_decay: float | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
-        encoder_remote_code: bool = False,
+        **encoder_options: Any,
     ) -> None:
-        super().__init__(
-            backbone, prompt_length, encoder, pooling, train_encoder, encoder_lr, weight_decay, encoder_remote_code
-        )
+        """`encoder_options`: as IDPG's."""
+        super().__init__(backbone, prompt_length, **encoder_options)
         d, width, hidden = embedding.embedding_dim, self.encoder.width, self.bottleneck(hidden_size)
         self.shared = nn.Parameter(init_prompt(prompt_length, embedding, init, tokenizer, init_text))  # Z_S
         self.rows = generator(width, hidden, prompt_length * rank, dropout)  # u: m x r
