@@ -6,12 +6,14 @@ counting (fvcore traces, eager attention) run the plain modules."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
+import torch.fx.experimental._config as fx_config
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
@@ -19,8 +21,20 @@ from smop.costs import sync
 
 
 def compile_loss(loss: Callable[..., Any], options: dict[str, Any]) -> Callable[..., Any]:
-    """`loss` compiled lazily (on its first call) with model.compile_options: backend, mode, dynamic."""
-    return torch.compile(loss, backend=options["backend"], mode=options.get("mode"), dynamic=options.get("dynamic"))
+    """`loss` compiled lazily (on its first call) with model.compile_options: backend, mode, dynamic.
+
+    Traced without duck shaping: by default dynamo gives sizes that happen to be equal at the first call one symbol
+    (batch 8 and an 8-token target) and recompiles once they differ, a recompilation per coincidence (tens of
+    seconds each with inductor on a GPU, and none after the recompile limit). Each size its own symbol, the step
+    compiles once for every batch size and length but 1 (which torch always specialises)."""
+    compiled = torch.compile(loss, backend=options["backend"], mode=options.get("mode"), dynamic=options.get("dynamic"))
+
+    @functools.wraps(loss)
+    def step_loss(*args: Any, **kwargs: Any) -> Any:
+        with fx_config.patch(use_duck_shape=False):  # read while tracing only; the guards do not depend on it
+            return compiled(*args, **kwargs)
+
+    return step_loss
 
 
 class CompileWarmup(Callback):

@@ -27,17 +27,23 @@ def test_the_compiled_step_gives_the_plain_loss_gradients_and_predictions(make_c
     assert system.step_loss is not system.kind.loss  # compiled, and once: the same function on every call
     assert system.step_loss is system.step_loss
     system.eval()
+    width, target = batch["input_ids"].shape[1], batch["labels"].shape[1]
+    # (rows, input length, target length): the first shape has equal sizes (8 rows, an 8-token target), the second
+    # none: it must reuse the first compilation, which it would not if dynamo had tied the equal sizes together
+    shapes = [(target, width, target), (5, width - 3, target - 1)]
     runs = {}
     for name, loss_fn in (("plain", system.kind.loss), ("compiled", system.step_loss)):
-        for width in (None, batch["input_ids"].shape[1] - 3):  # a second shape: dynamic, no wrong reuse
-            ids, mask = batch["input_ids"][:, :width], batch["attention_mask"][:, :width]
-            loss, logits, _ = system(ids, mask, batch["labels"], loss_fn=loss_fn)
+        for index, (rows, length, labels_length) in enumerate(shapes):
+            ids, mask = batch["input_ids"][:rows, :length].clone(), batch["attention_mask"][:rows, :length].clone()
+            labels = batch["labels"][:rows, :labels_length].clone()
+            with torch._dynamo.config.patch(error_on_recompile=index > 0):  # compiled once, for every shape
+                loss, logits, _ = system(ids, mask, labels, loss_fn=loss_fn)
             loss.backward()
-            runs[name, width] = loss.detach(), logits.detach(), system.prompt.prompt.grad.clone()
+            runs[name, index] = loss.detach(), logits.detach(), system.prompt.prompt.grad.clone()
             system.zero_grad(set_to_none=True)
-    for (name, width), (loss, logits, grad) in runs.items():
+    for (name, index), (loss, logits, grad) in runs.items():
         if name == "compiled":
-            plain = runs["plain", width]
+            plain = runs["plain", index]
             torch.testing.assert_close(loss, plain[0], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(logits.argmax(-1), plain[1].argmax(-1), rtol=0, atol=0)  # the predictions
             torch.testing.assert_close(grad, plain[2], rtol=1e-4, atol=1e-6)
