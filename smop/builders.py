@@ -30,12 +30,13 @@ def build_datamodule(
 
     `setup=False` reads nothing: the task and the training's truncation, for labelling new inputs (smop.predict).
     `kind`: the backbone's kind when the caller has read it already (else it is read from the model's config).
-    `fast`: the run's resolved fast path (else resolved here): dataset.pad_to_multiple_of."""
+    `fast`: the run's resolved fast path (else resolved here): dataset.pad_to_multiple_of, sort_eval_by_length."""
     if kind is None:
         kind = model_kind(cfg.model)
     fast = fast or resolve_fast_path(cfg)
     options = {k: v for k, v in cfg.dataset.items() if k != "epochs"}  # `epochs` is read by the trainer config
     options["pad_to_multiple_of"] = fast.pad_to_multiple_of  # `auto` resolved
+    options["sort_eval_by_length"] = fast.sort_eval_by_length
     datamodule = instantiate(
         OmegaConf.create(options),
         tokenizer=tokenizer,

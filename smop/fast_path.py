@@ -1,5 +1,5 @@
 """The fast path of a GPU run, resolved once from the config: the frozen backbone stored in bf16, SDPA attention,
-torch.compile of the training step, inputs padded to a multiple of 8.
+torch.compile of the training step, inputs padded to a multiple of 8, evaluation batches sorted by length.
 
 Each part has its own switch; `auto` turns it on only where it pays and changes no result beyond float rounding
 (CUDA training in bf16), so CPU runs behave as before. The config keeps `auto`; the resolved values go to
@@ -31,6 +31,7 @@ class FastPath:
     compile: bool = False
     compile_options: dict[str, Any] = field(default_factory=lambda: dict(COMPILE_OPTIONS))
     pad_to_multiple_of: int | None = None
+    sort_eval_by_length: bool = False
 
     def record(self) -> dict[str, Any]:
         """results.json's `fast_path`."""
@@ -82,6 +83,9 @@ def check_fast_path(cfg: Any) -> None:
         raise ValueError(f"model.compile_options.backend={options['backend']} must be a backend name (inductor, ...)")
     if options.get("dynamic") not in (None, True, False):
         raise ValueError(f"model.compile_options.dynamic={options['dynamic']} is not one of: null, true, false")
+    sort_eval = _get(dataset, "sort_eval_by_length", False)
+    if not (isinstance(sort_eval, bool) or sort_eval == AUTO):
+        raise ValueError(f"dataset.sort_eval_by_length={sort_eval} is not one of: false, true, {AUTO}")
     multiple = _get(dataset, "pad_to_multiple_of")
     integer = isinstance(multiple, int) and not isinstance(multiple, bool) and multiple >= 1
     if multiple is not None and multiple != AUTO and not integer:
@@ -94,7 +98,9 @@ def resolve_fast_path(cfg: Any) -> FastPath:
     - model.dtype: bfloat16 when the run is on CUDA in bf16 precision, not sharded, and the backbone is frozen
       (its weights never update, so an fp32 master copy is dead weight); else null, the checkpoint's own.
     - model.compile: on when it trains on CUDA (not sharded); off on CPU, where compiling costs more than it saves.
-    - dataset.pad_to_multiple_of: 8 when the step is compiled, else null (pad to the longest row)."""
+    - dataset.pad_to_multiple_of: 8 when the step is compiled, else null (pad to the longest row).
+    - dataset.sort_eval_by_length: on for a run on CUDA (evaluation batches of similar length; the order changes
+      float rounding only); off on CPU, whose evaluations stay batch for batch as before."""
     check_fast_path(cfg)
     model, trainer = cfg.get("model"), cfg.get("trainer")
     cuda = on_cuda(trainer) and not sharded(trainer)
@@ -108,4 +114,7 @@ def resolve_fast_path(cfg: Any) -> FastPath:
     multiple = _get(cfg.get("dataset"), "pad_to_multiple_of")
     if multiple == AUTO:
         multiple = PAD_WITH_COMPILE if compile_ else None
-    return FastPath(dtype, _get(model, "attention", "sdpa"), bool(compile_), options, multiple)
+    sort_eval = _get(cfg.get("dataset"), "sort_eval_by_length", False)
+    if sort_eval == AUTO:
+        sort_eval = on_cuda(trainer)
+    return FastPath(dtype, _get(model, "attention", "sdpa"), bool(compile_), options, multiple, bool(sort_eval))

@@ -35,7 +35,7 @@ ADOPTED = (*GROUPS, "seed", "optimizer", "warmup_ratio", "warmup_steps")
 FREE_ON_RESUME = ("paths", "trainer", "callbacks", "logger", "hydra", "ckpt_path", "train", "test", "hparams_search")
 FREE_LEAVES = ("dataset.epochs", "dataset.eval_batch_size", "dataset.num_workers", "dataset.data_dir")
 # How the step runs, not what it computes (smop.fast_path): a compiled run resumes or evaluates uncompiled, and back
-HOW_IT_RUNS = ("model.compile", "model.compile_options", "dataset.pad_to_multiple_of")
+HOW_IT_RUNS = ("model.compile", "model.compile_options", "dataset.pad_to_multiple_of", "dataset.sort_eval_by_length")
 # What an evaluation needs to match: the model and the shapes of what was trained, not how it was trained.
 TRAINING_ONLY = {"init", "init_text", "dropout", "lr", "lr_lowrank", "weight_decay", "encoder_lr", "shared_lr"}
 ROUTING = ("router._target_", "router.topk", "router.num_prompts")

@@ -54,6 +54,7 @@ def test_auto_resolves_to_the_fast_path_on_cuda_bf16_only(make_cfg, monkeypatch,
     assert (fast.backbone_dtype, fast.compile) == (dtype, compiled)
     assert fast.pad_to_multiple_of == (8 if compiled else None)  # auto follows compile
     assert fast.attention == "sdpa"
+    assert fast.sort_eval_by_length == (cuda and "trainer.accelerator=cpu" not in overrides)  # any CUDA run
 
 
 def test_cpu_defaults_are_the_plain_path(make_cfg):
@@ -67,6 +68,7 @@ def test_cpu_defaults_are_the_plain_path(make_cfg):
         "compile": False,
         "compile_options": {"backend": "inductor", "mode": None, "dynamic": True},
         "pad_to_multiple_of": None,
+        "sort_eval_by_length": False,
     }
     assert results["config"]["model"]["dtype"] == "auto"  # the config keeps `auto`: a GPU checkpoint evaluates on CPU
 
@@ -81,6 +83,10 @@ def test_cpu_defaults_are_the_plain_path(make_cfg):
         ("model.compile_options.dynamic=sometimes", r"model.compile_options.dynamic=sometimes is not one of"),
         ("dataset.pad_to_multiple_of=0", r"dataset.pad_to_multiple_of=0 is not one of: null, auto, an integer >= 1"),
         ("dataset.pad_to_multiple_of=eight", r"dataset.pad_to_multiple_of=eight is not one of"),
+        (
+            "dataset.sort_eval_by_length=longest",
+            r"dataset.sort_eval_by_length=longest is not one of: false, true, auto",
+        ),
     ],
 )
 def test_a_bad_fast_path_value_is_refused_by_name(make_cfg, override, message):

@@ -160,6 +160,19 @@ class ResumableSampler(DistributedSampler):
         return iter(indices[self.skip :] if self.epoch == self.resume_epoch else indices)
 
 
+class LengthSortedSampler(UnrepeatedDistributedSampler):
+    """This rank's evaluation share, as UnrepeatedDistributedSampler gives it, longest input first (ties in file
+    order): each batch holds rows of similar length, so padding does not dominate, and a batch too large for the
+    device fails at the first one. Metrics, route counts and code scoring do not depend on the order."""
+
+    def __init__(self, dataset: list[dict[str, Any]], num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.lengths = [len(row["input_ids"]) for row in dataset]
+
+    def __iter__(self):  # noqa: ANN204 - the parent's signature
+        return iter(sorted(super().__iter__(), key=lambda i: -self.lengths[i]))
+
+
 def pad_width(batch: torch.Tensor, multiple: int | None, value: int) -> torch.Tensor:
     """[B, n] padded on the right with `value` to the next multiple of `multiple` (fewer distinct shapes for a
     compiled step, aligned tiles for tensor cores); unchanged when `multiple` is None."""
@@ -225,6 +238,7 @@ class TaskDataModule(L.LightningDataModule):
         official_files: dict[str, str] | None = None,
         official_format: str | None = None,
         group_by_length: bool = False,
+        sort_eval_by_length: bool = False,
         pad_to_multiple_of: int | None = None,
     ) -> None:
         """`causal`: the backbone is a decoder-only LM (see `encode` and `target_ids`); its whole sequence, prompt,
@@ -247,8 +261,9 @@ class TaskDataModule(L.LightningDataModule):
         row each, ReCoRD), `first` on the first; evaluation rows are one per example either way. `official_files`,
         `official_format`: a split's official JSON document in a `dir` folder and its reader (SQuAD's
         train-v2.0.json; smop.data.official). `group_by_length`: training batches of rows of similar input length
-        (`ResumableSampler`), so that padding does not dominate. `pad_to_multiple_of`: a batch's width rounded up to
-        it (resolved by smop.fast_path; masks and -100 labels cover the padding)."""
+        (`ResumableSampler`), so that padding does not dominate; `sort_eval_by_length` (resolved by smop.fast_path):
+        evaluation batches likewise, longest first (`LengthSortedSampler`). `pad_to_multiple_of`: a batch's width
+        rounded up to it (resolved by smop.fast_path; masks and -100 labels cover the padding)."""
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"Unknown dataset.source '{source}'; allowed: {', '.join(SOURCES)}")
@@ -331,6 +346,9 @@ class TaskDataModule(L.LightningDataModule):
         if not isinstance(group_by_length, bool):
             raise ValueError(f"dataset.group_by_length={group_by_length!r}: give true or false")
         self.group_by_length = group_by_length
+        if not isinstance(sort_eval_by_length, bool):
+            raise ValueError(f"dataset.sort_eval_by_length={sort_eval_by_length!r}: give true, false or auto")
+        self.sort_eval_by_length = sort_eval_by_length
         self._resume: dict[str, int] | None = None
         self.pad_to_multiple_of = pad_to_multiple_of
         self.splits: dict[str, list[dict[str, Any]]] = {}
@@ -548,9 +566,14 @@ class TaskDataModule(L.LightningDataModule):
         self._resume = dict(state) if state else None
 
     def _eval_loader(self, split: str) -> DataLoader:
-        """Each rank evaluates its own share, and no example twice (DistributedSampler would pad with repeats)."""
+        """Each rank evaluates its own share, and no example twice (DistributedSampler would pad with repeats); in
+        file order, or longest first (dataset.sort_eval_by_length)."""
         world, rank = self._world()
-        sampler = UnrepeatedDistributedSampler(self.splits[split], num_replicas=world, rank=rank, shuffle=False)
+        rows = self.splits[split]
+        if self.sort_eval_by_length:
+            sampler = LengthSortedSampler(rows, num_replicas=world, rank=rank)
+        else:
+            sampler = UnrepeatedDistributedSampler(rows, num_replicas=world, rank=rank, shuffle=False)
         return self._loader(split, self.eval_batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
