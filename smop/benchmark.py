@@ -53,6 +53,7 @@ from smop.builders import build_datamodule, build_prompt
 from smop.checks import CONFIG_DIR, method_routes
 from smop.costs import eager_attention, inference_flops, step_model_flops, sync
 from smop.data.tasks import Task
+from smop.fast_path import check_backend
 from smop.hardware import device_peak, hardware, mfu
 from smop.methods import PromptModule
 from smop.methods.lora import has_lora, remove_lora
@@ -532,6 +533,29 @@ def count_flops(runner: Runner, batches: list[Batch], rows: int) -> dict[str, fl
 
 
 # --- one measurement --------------------------------------------------------------------------------
+RUNNERS = ("ours", "lightning", "peft", "bare")
+
+
+def check_variant(name: str, spec: DictConfig, precision: str) -> None:
+    """A variant's runner and fast-path options, refused by name before any variant is measured (not halfway through
+    the device time)."""
+    if spec.runner not in RUNNERS:
+        raise ValueError(f"variant {name}: runner={spec.runner}; allowed: {', '.join(RUNNERS)}")
+    fast = spec.get("fast") or {}
+    if fast and spec.runner != "ours":
+        raise ValueError(f"variant {name}: `fast` (stored dtype, compile) is for runner=ours, not {spec.runner}")
+    dtype = fast.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"variant {name}: fast.dtype={dtype}; allowed: null, {', '.join(DTYPES)}")
+    if dtype is not None and precision != "bf16":
+        raise ValueError(
+            f"variant {name}: fast.dtype={dtype} stores the frozen weights in {dtype}, which computes under "
+            "autocast only: set benchmark.precision=bf16"
+        )
+    if fast.get("compile"):
+        check_backend(fast.compile.get("backend", "inductor"), f"benchmark.variants.{name}.fast.compile.backend")
+
+
 class Bench:
     """The shared state of a benchmark run: backbone, tokenizer, device, precision, the variants' specs."""
 
@@ -569,6 +593,8 @@ class Bench:
         if unknown:
             raise ValueError(f"benchmark.run_variants: unknown {sorted(unknown)}; known: {', '.join(cfg.variants)}")
         self.specs = {name: cfg.variants[name] for name in names}
+        for name, spec in self.specs.items():
+            check_variant(name, spec, cfg.precision)
         self.roots = {name: method_config(spec, cfg.optimizer) for name, spec in self.specs.items()}
         targets = cfg.get("lora_target_modules")
         for root in self.roots.values():  # LoRA + X: the architecture's modules, as run.build_system takes them
@@ -585,13 +611,6 @@ class Bench:
         if dtype is None:
             return self.backbone
         if dtype not in self.stored:
-            if self.cfg.precision != "bf16":
-                raise ValueError(
-                    f"variant {name}: fast.dtype={dtype} stores the frozen weights in {dtype}, which computes under "
-                    "autocast only: set benchmark.precision=bf16"
-                )
-            if dtype not in DTYPES:
-                raise ValueError(f"variant {name}: fast.dtype={dtype}; allowed: null, {', '.join(DTYPES)}")
             self.stored[dtype] = cast_weights(copy.deepcopy(self.backbone), DTYPES[dtype])
         return self.stored[dtype]
 
@@ -610,15 +629,11 @@ class Bench:
             backbone, options = self.fast_backbone(name, fast.get("dtype")), fast.get("compile")
             options = OmegaConf.to_container(options, resolve=True) if options else None
             return build_ours(root, backbone, self.tokenizer, task, self.device, self.autocast, dropout, options)
-        if spec.get("fast"):
-            raise ValueError(f"variant {name}: `fast` (stored dtype, compile) is for runner=ours, not {spec.runner}")
         if spec.runner == "lightning":
             return build_lightning(root, self.backbone, self.tokenizer, task, self.device, self.cfg.precision, dropout)
         if spec.runner == "peft":
             return build_peft(root, self.backbone, self.device, self.autocast, dropout, self.tokenizer.pad_token_id)
-        if spec.runner == "bare":
-            return build_bare(root, self.backbone, self.device, self.autocast, dropout)
-        raise ValueError(f"variant {name}: runner={spec.runner}; allowed: ours, lightning, peft, bare")
+        return build_bare(root, self.backbone, self.device, self.autocast, dropout)
 
     def summarise(self, times: list[float], cpu_times: list[float] | None) -> dict[str, Any]:
         """Median step time, examples/s, the interquartile range relative to the median (the noise), the
@@ -987,6 +1002,11 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
         "of matmul",
     ]
     for setting in report["settings"]:
+        failed = [
+            [name, f"failed: {v['error'][:100]}", *["-"] * (len(header) - 2)]
+            for name, v in setting["variants"].items()
+            if "error" in v
+        ]
         rows = [
             [
                 name,
@@ -1005,7 +1025,8 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
                 _fmt(v.get("of_measured_matmul"), "mfu"),
             ]
             for name, v in setting["variants"].items()
-        ]
+            if "error" not in v
+        ] + failed
         shape = setting["shape"]
         title = (
             f"{setting['name']}: mean input {shape['input_tokens_mean']:.1f} tokens, padded "
@@ -1115,6 +1136,10 @@ def markdown(report: dict[str, Any]) -> str:
         "Targets in brackets are reported, not asserted.",
         "",
     ]
+    if not report.get("complete", True):
+        lines += ["**Incomplete: the run has not finished (or was cut short); the settings below are done.**", ""]
+    lines += [f"**Failed**: {f['part']}: {f['error']}" for f in report.get("failures", [])]
+    lines += [""] if report.get("failures") else []
     for title, header, rows in tables(report):
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -1234,6 +1259,7 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
         "settings": [],
         "pipeline": None,
         "eval": None,
+        "complete": False,
         "config": OmegaConf.to_container(cfg.benchmark, resolve=True),
     }
     rows_by_task: dict[str, TaskRows] = {}
@@ -1241,16 +1267,52 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
     if profile_cfg.variant is not None and profile_cfg.variant not in bench.specs:
         raise ValueError(f"benchmark.profile.variant={profile_cfg.variant} is not among the variants run")
     report["profile"] = None
+    report["failures"] = []
+    output = Path(output_dir)
+
+    def attempt(what: str, measure: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`measure(*args, **kwargs)`, or None with the error on record: one failing part (an out-of-memory, a
+        compiler error) costs its own figures, not the others' (the run still exits non-zero at the end)."""
+        try:
+            return measure(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - recorded with its type and message, and the run fails at the end
+            message = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"  # one line, its start
+            console.log(f"[red]{what} failed[/red]: {message}")
+            report["failures"].append({"part": what, "error": message})
+            if bench.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
     for setting, task, rows in settings(bench):
         rows_by_task[task.name] = rows
         if profile_cfg.variant is not None and report["profile"] is None and setting.name == profile_cfg.setting:
             console.log(f"profiling: {profile_cfg.variant} on {setting.name}")
-            report["profile"] = profile_steps(bench, profile_cfg.variant, setting, task, profile_cfg.rows)
+            report["profile"] = attempt(
+                f"profile of {profile_cfg.variant} on {setting.name}",
+                profile_steps,
+                bench,
+                profile_cfg.variant,
+                setting,
+                task,
+                profile_cfg.rows,
+            )
         variants: dict[str, dict[str, Any]] = {name: {} for name in bench.specs}
         for round_index in range(cfg.benchmark.rounds):  # rounds > 1 interleave variants against drift
             for name in bench.specs:
+                if "error" in variants[name]:
+                    continue
                 console.log(f"{setting.name}: {name} (round {round_index + 1}/{cfg.benchmark.rounds})")
-                result = bench.measure(name, setting, task, first=round_index == 0)
+                result = attempt(
+                    f"{name} on {setting.name}",
+                    bench.measure,
+                    name,
+                    setting,
+                    task,
+                    first=round_index == 0,
+                )
+                if result is None:
+                    variants[name] = {"error": report["failures"][-1]["error"]}
+                    continue
                 if variants[name]:
                     earlier = variants[name]
                     cpu = earlier["step_cpu_s"] + result["step_cpu_s"] if earlier["step_cpu_s"] else None
@@ -1260,7 +1322,7 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
                         pooled[key] = max(values) if values else None
                     result = pooled
                 variants[name] = result
-        for result in variants.values():
+        for result in (v for v in variants.values() if "error" not in v):
             result.update(
                 throughput(result.get("model_flops_per_step"), result["step_time_s_median"], bench.peak, bench.hardware)
             )
@@ -1275,6 +1337,7 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
                 "ratios": compare(variants, cfg.benchmark.compare),
             }
         )
+        write_report(report, output)  # what is measured stays on disk if the run is cut short
 
     def rows_of(task: str) -> TaskRows:
         budget = cfg.benchmark.max_length - bench.longest_prompt
@@ -1290,14 +1353,23 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
         if part.variant not in bench.specs:
             raise ValueError(f"benchmark.{key}.variant={part.variant} is not among the variants run")
         console.log(f"{label}: {part.variant} on {part.task}")
-        report[key] = comparison(bench, rows_of(part.task))
-    output = Path(output_dir)
+        report[key] = attempt(label, comparison, bench, rows_of(part.task))
+        write_report(report, output)
+    report["complete"] = True
+    write_report(report, output)
+    print_tables(report, console)
+    console.print(f"Wrote {output / 'benchmark.md'} and {output / 'benchmark.json'}")
+    if report["failures"]:
+        parts = "; ".join(f"{f['part']}: {f['error']}" for f in report["failures"])
+        raise SystemExit(f"benchmark: {len(report['failures'])} part(s) failed (the others are written): {parts}")
+    return report
+
+
+def write_report(report: dict[str, Any], output: Path) -> None:
+    """benchmark.json and benchmark.md as far as the run got (`complete` false until the end)."""
     output.mkdir(parents=True, exist_ok=True)
     (output / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))
     (output / "benchmark.md").write_text(markdown(report))
-    print_tables(report, console)
-    console.print(f"Wrote {output / 'benchmark.md'} and {output / 'benchmark.json'}")
-    return report
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="benchmark")

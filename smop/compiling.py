@@ -19,6 +19,12 @@ from torch.utils.data import DataLoader
 
 from smop.costs import sync
 
+# The options of the last compile in this process. Dynamo caches compiled graphs on the function's code and guards
+# them partly by object ids, which a freed model's successor may reuse: a later torch.compile of the same code can be
+# served the earlier graphs whatever its own backend or mode (seen with a benchmark's second run in one process; a
+# multirun's next job with other compile options is the same case). Other options therefore drop the cache.
+_compiled_with: dict[str, Any] | None = None
+
 
 def compile_loss(loss: Callable[..., Any], options: dict[str, Any]) -> Callable[..., Any]:
     """`loss` compiled lazily (on its first call) with model.compile_options: backend, mode, dynamic.
@@ -27,6 +33,10 @@ def compile_loss(loss: Callable[..., Any], options: dict[str, Any]) -> Callable[
     (batch 8 and an 8-token target) and recompiles once they differ, a recompilation per coincidence (tens of
     seconds each with inductor on a GPU, and none after the recompile limit). Each size its own symbol, the step
     compiles once for every batch size and length but 1 (which torch always specialises)."""
+    global _compiled_with
+    if _compiled_with is not None and _compiled_with != options:
+        torch.compiler.reset()  # see _compiled_with
+    _compiled_with = dict(options)
     compiled = torch.compile(loss, backend=options["backend"], mode=options.get("mode"), dynamic=options.get("dynamic"))
 
     @functools.wraps(loss)

@@ -63,6 +63,15 @@ def backbone_trains(cfg: Any) -> bool:
     return bool(_get(cfg.get("method"), "train_backbone", False))
 
 
+def check_backend(backend: Any, where: str) -> None:
+    """A torch.compile backend this torch knows, refused by name before anything is built (torch itself says so
+    only at the first compiled call, after the data and the model are loaded)."""
+    from torch._dynamo import list_backends
+
+    if not isinstance(backend, str) or backend not in list_backends(exclude_tags=()):
+        raise ValueError(f"{where}={backend} is not a torch.compile backend here: one of {', '.join(list_backends())}")
+
+
 def check_fast_path(cfg: Any) -> None:
     """Refuse a bad fast-path value by name, with the allowed ones, before anything is built."""
     model, dataset = cfg.get("model"), cfg.get("dataset")
@@ -79,8 +88,7 @@ def check_fast_path(cfg: Any) -> None:
     unknown = sorted(set(options) - set(COMPILE_OPTIONS))
     if unknown:
         raise ValueError(f"model.compile_options has {unknown}; allowed keys: {', '.join(COMPILE_OPTIONS)}")
-    if not isinstance(options.get("backend", "inductor"), str):
-        raise ValueError(f"model.compile_options.backend={options['backend']} must be a backend name (inductor, ...)")
+    check_backend(options.get("backend", "inductor"), "model.compile_options.backend")
     if options.get("dynamic") not in (None, True, False):
         raise ValueError(f"model.compile_options.dynamic={options['dynamic']} is not one of: null, true, false")
     sort_eval = _get(dataset, "sort_eval_by_length", False)

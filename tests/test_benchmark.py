@@ -187,6 +187,66 @@ def test_fast_variants_store_the_backbone_in_bf16_compile_their_step_and_a_step_
     assert "| kernel / operator |" in (tmp_path / "benchmark.md").read_text()
     with pytest.raises(ValueError, match=r"fast.dtype=bfloat16 stores the frozen weights in bfloat16, which computes"):
         run_benchmark(compose_benchmark([*TINY, "benchmark.run_variants=[pt_100_fast]"]), tmp_path / "fp32")
+    typo = [*TINY, "benchmark.precision=bf16", "benchmark.run_variants=[pt_100_fast]"]
+    typo.append("benchmark.variants.pt_100_fast.fast.compile.backend=inductr")
+    with pytest.raises(ValueError, match=r"fast.compile.backend=inductr is not a torch.compile backend here: one of"):
+        run_benchmark(compose_benchmark(typo), tmp_path / "typo")  # before anything is measured
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_failing_variant_costs_its_own_figures_only_and_a_cut_run_keeps_the_settings_done(tmp_path, monkeypatch):
+    """On a GPU lent for minutes, a compiler error or an out-of-memory in one variant must not lose the others'
+    figures, and a run stopped by a timeout must leave what it measured: the report is written after every setting
+    (`complete` false until the end), a failed part is on record, and the run still fails at the end."""
+    if "failing_backend_TESTING_ONLY" not in torch._dynamo.list_backends(exclude_tags=()):
+
+        @torch._dynamo.register_backend
+        def failing_backend_TESTING_ONLY(graph, example_inputs):  # a compiler error at the first compiled call
+            raise RuntimeError("the compiler failed (a test backend)")
+
+    # first a run that compiles the same step with another backend, in this process: dynamo's cache, keyed by the
+    # function's code and guarded partly by object ids that the freed run's successors reuse, would serve its graphs
+    # to the next run whatever that one's backend (smop.compiling drops the cache when the options change)
+    quick = [*TINY, "benchmark.precision=bf16", "benchmark.run_variants=[pt_100_fast]", "benchmark.fixed_lengths=[]"]
+    quick += ["benchmark.pipeline.enabled=false", "benchmark.eval.enabled=false"]
+    run_benchmark(
+        compose_benchmark([*quick, "benchmark.variants.pt_100_fast.fast.compile.backend=aot_eager"]), tmp_path
+    )
+    cfg = compose_benchmark(
+        [*TINY, "benchmark.precision=bf16", "benchmark.run_variants=[pt_100,pt_100_fast]", "benchmark.rounds=2"]
+        + ["benchmark.variants.pt_100_fast.fast.compile.backend=failing_backend_TESTING_ONLY"]
+        + ["benchmark.fixed_lengths=[24]"]
+        + ["benchmark.pipeline.enabled=false", "benchmark.eval.enabled=false"]
+    )
+    with pytest.raises(
+        SystemExit, match=r"2 part\(s\) failed .*pt_100_fast on rte \(sample lengths\): .*the compiler failed"
+    ):
+        run_benchmark(cfg, tmp_path / "failed")
+    report = json.loads((tmp_path / "failed" / "benchmark.json").read_text())
+    assert report["complete"] is True and len(report["failures"]) == 2  # once per setting, not again in round 2
+    for setting in report["settings"]:
+        assert setting["variants"]["pt_100"]["step_time_s_median"] > 0
+        assert "the compiler failed" in setting["variants"]["pt_100_fast"]["error"]
+        assert setting["ratios"]["fast_over_plain_memory"] is None
+    assert "| pt_100_fast | failed: " in (tmp_path / "failed" / "benchmark.md").read_text()
+
+    import smop.benchmark as benchmark
+
+    def cut_after_the_first(bench):
+        first = next(benchmark_settings(bench))
+        yield first
+        raise KeyboardInterrupt  # what a timeout's signal does to the run, between settings
+
+    benchmark_settings = benchmark.settings
+    monkeypatch.setattr(benchmark, "settings", cut_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(
+            compose_benchmark([*TINY, "benchmark.run_variants=[pt_100]", "benchmark.fixed_lengths=[24]"]),
+            tmp_path / "cut",
+        )
+    report = json.loads((tmp_path / "cut" / "benchmark.json").read_text())
+    assert report["complete"] is False and [s["name"] for s in report["settings"]] == ["rte (sample lengths)"]
+    assert "**Incomplete" in (tmp_path / "cut" / "benchmark.md").read_text()
 
 
 @pytest.mark.slow

@@ -81,6 +81,10 @@ def test_cpu_defaults_are_the_plain_path(make_cfg):
         ("model.compile=maybe", r"model.compile=maybe is not one of: false, true, auto"),
         ("+model.compile_options.fullgraph=true", r"model.compile_options has \['fullgraph'\]; allowed keys: backend"),
         ("model.compile_options.dynamic=sometimes", r"model.compile_options.dynamic=sometimes is not one of"),
+        (
+            "model.compile_options.backend=inductr",
+            r"backend=inductr is not a torch.compile backend here: one of .*induc",
+        ),
         ("dataset.pad_to_multiple_of=0", r"dataset.pad_to_multiple_of=0 is not one of: null, auto, an integer >= 1"),
         ("dataset.pad_to_multiple_of=eight", r"dataset.pad_to_multiple_of=eight is not one of"),
         (
