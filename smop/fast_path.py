@@ -66,6 +66,8 @@ def backbone_trains(cfg: Any) -> bool:
 def check_backend(backend: Any, where: str) -> None:
     """A torch.compile backend this torch knows, refused by name before anything is built (torch itself says so
     only at the first compiled call, after the data and the model are loaded)."""
+    if backend == COMPILE_OPTIONS["backend"]:  # always there: no need to import dynamo (a second) to know
+        return
     from torch._dynamo import list_backends
 
     if not isinstance(backend, str) or backend not in list_backends(exclude_tags=()):
