@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -15,28 +16,33 @@ import lightning as L
 import torch
 import torch.fx.experimental._config as fx_config
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 from torch.utils.data import DataLoader
 
 from smop.costs import sync
 
-# The options of the last compile in this process. Dynamo caches compiled graphs on the function's code and guards
-# them partly by object ids, which a freed model's successor may reuse: a later torch.compile of the same code can be
-# served the earlier graphs whatever its own backend or mode (seen with a benchmark's second run in one process; a
-# multirun's next job with other compile options is the same case). Other options therefore drop the cache.
-_compiled_with: dict[str, Any] | None = None
+# What the last compile in this process was for: its options and the model it ran. Dynamo caches compiled graphs on
+# the function's code, guarded partly by object ids, which a freed model's successor may reuse: a later
+# torch.compile of the same code can be served the earlier graphs whatever its own backend or mode (seen with a
+# benchmark's second run in one process). And each new model adds entries to that one cache until dynamo's
+# recompile limit (8), after which it runs eager without saying so: the ninth job of a multirun in one process
+# would train uncompiled. Another model or other options therefore drop the cache; the same model with the same
+# options (a benchmark's variants and settings on its one backbone) keeps it.
+_compiled_for: tuple[dict[str, Any], weakref.ref] | None = None
 
 
-def compile_loss(loss: Callable[..., Any], options: dict[str, Any]) -> Callable[..., Any]:
-    """`loss` compiled lazily (on its first call) with model.compile_options: backend, mode, dynamic.
+def compile_loss(loss: Callable[..., Any], options: dict[str, Any], model: nn.Module) -> Callable[..., Any]:
+    """`loss` compiled lazily (on its first call) with model.compile_options: backend, mode, dynamic, for `model`
+    (the backbone it runs: see _compiled_for).
 
     Traced without duck shaping: by default dynamo gives sizes that happen to be equal at the first call one symbol
     (batch 8 and an 8-token target) and recompiles once they differ, a recompilation per coincidence (tens of
     seconds each with inductor on a GPU, and none after the recompile limit). Each size its own symbol, the step
     compiles once for every batch size and length but 1 (which torch always specialises)."""
-    global _compiled_with
-    if _compiled_with is not None and _compiled_with != options:
-        torch.compiler.reset()  # see _compiled_with
-    _compiled_with = dict(options)
+    global _compiled_for
+    if _compiled_for is not None and (_compiled_for[0] != options or _compiled_for[1]() is not model):
+        torch.compiler.reset()  # see _compiled_for
+    _compiled_for = (dict(options), weakref.ref(model))
     compiled = torch.compile(loss, backend=options["backend"], mode=options.get("mode"), dynamic=options.get("dynamic"))
 
     @functools.wraps(loss)

@@ -223,7 +223,7 @@ class PromptTuningSystem(L.LightningModule):
         if self._compiled_loss is None:
             from smop.compiling import compile_loss
 
-            self._compiled_loss = compile_loss(self.kind.loss, self.compile_options)
+            self._compiled_loss = compile_loss(self.kind.loss, self.compile_options, self.backbone)
         return self._compiled_loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -50,6 +50,33 @@ def test_the_compiled_step_gives_the_plain_loss_gradients_and_predictions(make_c
     assert not any("_orig_mod" in key or "compiled" in key for key in system.state_dict())  # the keys as ever
 
 
+COMPILATIONS: list[int] = []
+
+
+def counting_backend(graph, example_inputs):
+    """A torch.compile backend that runs the graph as traced and counts its compilations."""
+    COMPILATIONS.append(1)
+    return graph.forward
+
+
+def test_every_new_model_is_compiled_past_dynamos_recompile_limit(make_cfg):
+    """The jobs of a multirun in one process each build a model: their graphs must not pile up in dynamo's one cache
+    until its recompile limit, after which it would run them eager without a word (here the limit is 2)."""
+    name = "counting_backend_TESTING_ONLY"
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(counting_backend, name=name)
+    COMPILATIONS.clear()
+    torch._dynamo.reset()
+    kept = []  # every model alive: no id reused, so each one's guards fail and it needs its own graph
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for _ in range(4):
+            system, batch = build(make_cfg(*SYNTHETIC, "model.compile=true", f"model.compile_options.backend={name}"))
+            system(batch["input_ids"], batch["attention_mask"], batch["labels"], loss_fn=system.step_loss)
+            kept.append(system)
+    assert len(COMPILATIONS) == 4  # one compilation per model, none fell back to eager
+    torch._dynamo.reset()
+
+
 def test_a_compiled_run_reports_compile_time_apart_and_pads_to_8(make_cfg):
     results = run(make_cfg(*SYNTHETIC, *COMPILED, "trainer.fast_dev_run=true"))
     assert results["status"] == "completed"
