@@ -68,17 +68,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Every non-empty line's object; a bad line stops with `FILE:LINE:`."""
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
-    rows = []
     try:
-        for number, row in json_lines(path):
-            if not isinstance(row, dict):
-                raise UsageError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    except UsageError:
-        raise
+        lines = list(json_lines(path))
     except ValueError as err:
         raise UsageError(str(err)) from None
-    return rows
+    for number, row in lines:
+        if not isinstance(row, dict):
+            raise UsageError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+    return [row for _, row in lines]
 
 
 def read_json(path: Path) -> Any:
