@@ -1361,8 +1361,13 @@ def _run(cfg: DictConfig, output_dir: str | Path, command: str) -> dict[str, Any
     console.print(f"Wrote {output / 'benchmark.md'} and {output / 'benchmark.json'}")
     if report["failures"]:
         parts = "; ".join(f"{f['part']}: {f['error']}" for f in report["failures"])
-        raise SystemExit(f"benchmark: {len(report['failures'])} part(s) failed (the others are written): {parts}")
+        raise PartsFailed(f"benchmark: {len(report['failures'])} part(s) failed (the others are written): {parts}")
     return report
+
+
+class PartsFailed(RuntimeError):
+    """Some variants or comparisons failed; the report holds the rest. An Exception, not SystemExit, so that a
+    multirun's basic sweeper runs the other jobs (the next model) first and then fails with it."""
 
 
 def write_report(report: dict[str, Any], output: Path) -> None:

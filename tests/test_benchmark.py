@@ -22,6 +22,7 @@ from smop.backbones.causal import CausalKind
 from smop.backbones.seq2seq import t5_inference_flops
 from smop.benchmark import (
     LiveTensorBytes,
+    PartsFailed,
     causal_sequence,
     prompt_module_flops,
     run_benchmark,
@@ -219,7 +220,7 @@ def test_a_failing_variant_costs_its_own_figures_only_and_a_cut_run_keeps_the_se
         + ["benchmark.pipeline.enabled=false", "benchmark.eval.enabled=false"]
     )
     with pytest.raises(
-        SystemExit, match=r"2 part\(s\) failed .*pt_100_fast on rte \(sample lengths\): .*the compiler failed"
+        PartsFailed, match=r"2 part\(s\) failed .*pt_100_fast on rte \(sample lengths\): .*the compiler failed"
     ):
         run_benchmark(cfg, tmp_path / "failed")
     report = json.loads((tmp_path / "failed" / "benchmark.json").read_text())
