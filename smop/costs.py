@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from smop.hardware import Peak, device_peak, hardware, mfu
+from smop.methods.lora import has_lora
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -79,7 +80,7 @@ def training_multiplier(system: nn.Module) -> tuple[float, str]:
     so its figure is a lower bound."""
     if getattr(system, "train_backbone", False):
         return 3.0, "3x forward: the backbone's weights train (forward + activation and weight gradients)"
-    if any("lora_" in name for name, p in system.backbone.named_parameters() if p.requires_grad):
+    if has_lora(system.backbone):
         return 2.0, "2x forward of the frozen backbone; LoRA adapters' own FLOPs not counted (a lower bound)"
     return 2.0, "2x forward: frozen backbone, activation gradients only"
 
@@ -207,9 +208,6 @@ class EvaluationCost(Callback):
         sync(pl_module.device)
         self._start, self._examples = time.perf_counter(), 0
 
-    def _count(self, batch: Any) -> None:
-        self._examples += batch["input_ids"].shape[0]
-
     def _end(self, split: str, pl_module: L.LightningModule) -> None:
         if self._start is None or not self._examples:
             return
@@ -235,25 +233,16 @@ class EvaluationCost(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._start is not None:
-            self._count(batch)
+        if self._start is not None:  # a timed pass: not the validations inside fit
+            self._examples += batch["input_ids"].shape[0]
+
+    on_test_batch_end = on_validation_batch_end  # a test pass is always timed (on_test_epoch_start)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._end("val", pl_module)
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._begin(pl_module)
-
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._count(batch)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._end("test", pl_module)
